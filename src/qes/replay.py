@@ -1,0 +1,100 @@
+"""Re-derive tuned codes from a base GPTQ checkpoint and a seed log, verifying every hash checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from qes.codes import QuantLinear, codes_sha256, load_quantized, quantized_linears, save_quantized
+from qes.engine import Engine
+from qes.seedlog import LoggedStep, SeedLog, SeedLogError
+
+log = logging.getLogger(__name__)
+
+
+class ReplayMismatch(SeedLogError):
+    """The codes after some iteration differ from the hash the log recorded there."""
+
+
+def layer_manifest(layers: list[QuantLinear]) -> list[dict]:
+    """Names, shapes and widths of the trained layers, as stored in run.json."""
+    return [
+        {"name": x.name, "out": x.out_features, "in": x.in_features, "bits": x.bits}
+        for x in sorted(layers, key=lambda layer: layer.name)
+    ]
+
+
+def engine_for_log(model: torch.nn.Module, seedlog: SeedLog) -> Engine:
+    """An engine over `model` configured from the log, after checking layers and base hash."""
+    layers = quantized_linears(model)
+    found = layer_manifest(layers)
+    if found != seedlog.meta["layers"]:
+        have = {x["name"]: x for x in found}
+        for want in seedlog.meta["layers"]:
+            if have.get(want["name"]) != want:
+                raise SeedLogError(
+                    f"the model's layers differ from the seed log's: log has {want}, "
+                    f"model has {have.get(want['name'])}"
+                )
+        raise SeedLogError(f"the model has {len(found)} quantized layers, the seed log {len(seedlog.meta['layers'])}")
+    seedlog.verify_base(codes_sha256(layers))
+    return Engine(layers, seedlog.noise, seedlog.update)
+
+
+def replay_steps(
+    engine: Engine,
+    seedlog: SeedLog,
+    start: int = 0,
+    stop: int | None = None,
+    on_step: Callable[[LoggedStep], None] | None = None,
+) -> int:
+    """Apply logged iterations [start, stop) to the engine, verifying each checkpoint; returns stop."""
+    stop = seedlog.iterations if stop is None else stop
+    for iteration in range(start, stop):
+        logged = seedlog.read_step(iteration)
+        engine.apply(logged.step)
+        if logged.checkpoint is not None:
+            got = engine.codes_sha256()
+            if got != logged.checkpoint:
+                raise ReplayMismatch(
+                    f"codes_sha256 after iteration {iteration} is {got}, but the seed log recorded "
+                    f"{logged.checkpoint}: the log (a coefficient, seed or step size) or the base "
+                    f"checkpoint was altered"
+                )
+        if on_step is not None:
+            on_step(logged)
+    return stop
+
+
+
+def replay_checkpoint(base: str | Path, log_dir: str | Path, out_dir: str | Path) -> dict:
+    """`qes replay`: base checkpoint + seed log -> verified tuned GPTQ checkpoint in out_dir."""
+    started = time.perf_counter()
+    seedlog = SeedLog.open(log_dir)
+    model, tokenizer = load_quantized(base)
+    engine = engine_for_log(model, seedlog)
+    iterations = replay_steps(engine, seedlog)
+    final = engine.codes_sha256()
+    finished = seedlog.finished
+    if finished is not None and (finished["iterations"], finished["codes_sha256"]) != (iterations, final):
+        raise ReplayMismatch(
+            f"the run finished at iteration {finished['iterations']} with codes_sha256 "
+            f"{finished['codes_sha256']}, replay reached {iterations} iterations with {final}"
+        )
+    save_quantized(model, tokenizer, out_dir)
+    report = {
+        "base": str(base),
+        "seed_log": str(log_dir),
+        "iterations": iterations,
+        "base_codes_sha256": seedlog.meta["base_codes_sha256"],
+        "codes_sha256": final,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    (Path(out_dir) / "replay_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    log.info("replayed %d iterations: codes_sha256 %s", iterations, final)
+    return report

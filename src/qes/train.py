@@ -1,0 +1,241 @@
+"""The QES population loop: perturb -> score -> restore per member, shape, update, log; resumable.
+
+Iteration t draws its member seeds from (global seed, t) and scores every member with
+`fitness(t)` on the perturbed model (the task picks its prompt batch from t too), so a resumed run
+makes exactly the choices an uninterrupted one would. The seed log is the only state: resuming
+replays it onto the base codes, verifying every hash checkpoint, and continues at the next iteration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from qes import __version__
+from qes.codes import QuantLinear, codes_sha256
+from qes.engine import Engine
+from qes.noise import NoiseSpec, member_seeds
+from qes.replay import engine_for_log, layer_manifest, replay_steps
+from qes.seedlog import LoggedStep, SeedLog, SeedLogError, _write_atomic
+from qes.update import Step, UpdateConfig, alpha_fixed_point, quantize_coefficients
+
+log = logging.getLogger(__name__)
+SHAPINGS = ("pair_zscore", "centered_rank")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of one QES run (all of them go into run.json)."""
+
+    iterations: int = 20
+    population: int = 8
+    sigma: float = 0.01
+    alpha: float = 5e-4
+    alpha_warmup: int = 0
+    alpha_decay: str = "constant"
+    shaping: str = "pair_zscore"
+    coef_clip: float = 3.0
+    global_seed: int = 0
+    checkpoint_every: int = 5
+    update: UpdateConfig = field(default_factory=UpdateConfig)
+
+    def __post_init__(self) -> None:
+        if self.population < 2 or self.population % 2:
+            raise ValueError(f"population must be an even number >= 2 (mirrored pairs), got {self.population}")
+        if self.shaping not in SHAPINGS:
+            raise ValueError(f"shaping must be one of {SHAPINGS}, got {self.shaping!r}")
+        if self.alpha_decay not in ("constant", "cosine"):
+            raise ValueError(f"alpha_decay must be 'constant' or 'cosine', got {self.alpha_decay!r}")
+        if self.iterations < 1 or self.checkpoint_every < 1:
+            raise ValueError("iterations and checkpoint_every must be >= 1")
+
+    def alpha_at(self, t: int) -> float:
+        """Step size of iteration t: linear warm-up, then constant or cosine decay to zero."""
+        if t < self.alpha_warmup:
+            return self.alpha * (t + 1) / (self.alpha_warmup + 1)
+        if self.alpha_decay == "cosine":
+            span = max(self.iterations - self.alpha_warmup, 1)
+            return self.alpha * 0.5 * (1 + math.cos(math.pi * (t - self.alpha_warmup) / span))
+        return self.alpha
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["update"] = self.update.to_json()
+        return data
+
+
+def shape_rewards(rewards: list[float], shaping: str, clip: float) -> list[float]:
+    """Per-member float coefficients from rewards ordered (+s0, -s0, +s1, -s1, ...).
+
+    pair_zscore: z-score of the pair differences r(+s) - r(-s), split as +z/2 and -z/2 so that the
+    seed's combined coefficient is z; centered_rank: ranks of all rewards mapped to [-0.5, 0.5].
+    Both are clipped to +-clip. Identical rewards give zero coefficients (no update).
+    """
+    if shaping == "pair_zscore":
+        diffs = [rewards[i] - rewards[i + 1] for i in range(0, len(rewards), 2)]
+        mean = sum(diffs) / len(diffs)
+        std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / len(diffs))
+        out = []
+        for d in diffs:
+            z = 0.0 if std < 1e-12 else max(-clip, min(clip, (d - mean) / std))
+            out += [z / 2, -z / 2]
+        return out
+    order = sorted(range(len(rewards)), key=lambda i: (rewards[i], i))
+    ranks = [0.0] * len(rewards)
+    i = 0
+    while i < len(order):  # ties share their mean rank
+        j = i
+        while j + 1 < len(order) and rewards[order[j + 1]] == rewards[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    n = len(rewards)
+    return [max(-clip, min(clip, r / (n - 1) - 0.5)) for r in ranks]
+
+
+def _run_meta(cfg: TrainConfig, layers: list[QuantLinear], base_hash: str, extra: dict) -> dict:
+    return {
+        "base_codes_sha256": base_hash,
+        "layers": layer_manifest(layers),
+        "noise": NoiseSpec.from_sigma(cfg.sigma).to_json(),
+        "update": cfg.update.to_json(),
+        "population": cfg.population,
+        "global_seed": cfg.global_seed,
+        "train": cfg.to_json(),
+        "qes_version": __version__,
+        **extra,
+    }
+
+
+def _comparable(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k not in ("format", "version", "qes_version")}
+
+
+def open_or_create(run_dir: Path, cfg: TrainConfig, layers: list[QuantLinear], extra: dict) -> SeedLog:
+    """Open the run's seed log if it exists (refusing a different base or config), else create it."""
+    base_hash = codes_sha256(layers)
+    meta = _run_meta(cfg, layers, base_hash, extra)
+    if not (run_dir / "run.json").exists():
+        return SeedLog.create(run_dir, meta)
+    seedlog = SeedLog.open(run_dir)
+    seedlog.verify_base(base_hash)
+    old, new = _comparable(seedlog.meta), _comparable(json.loads(json.dumps(meta)))
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            raise SeedLogError(
+                f"{run_dir} holds a run with a different {key!r} (log: {old.get(key)!r}, config: "
+                f"{new.get(key)!r}); refusing to resume it. Choose another run name or remove the folder."
+            )
+    return seedlog
+
+
+@dataclass
+class Metrics:
+    """Per-iteration metrics (rewards, codes changed, phase timings), kept as Parquet for plots."""
+
+    path: Path
+    rows: list[dict] = field(default_factory=list)
+
+    def load(self, upto: int) -> None:
+        if self.path.is_file():
+            self.rows = [r for r in pq.read_table(self.path).to_pylist() if r["iteration"] < upto]
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        table = pa.Table.from_pylist(self.rows)
+        _write_atomic(self.path, lambda tmp: pq.write_table(table, tmp))
+
+
+def train(
+    model,
+    layers: list[QuantLinear],
+    fitness: Callable[[int], float],
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    extra_meta: dict | None = None,
+    on_iteration: Callable[[dict], None] | None = None,
+) -> str:
+    """Run (or resume) QES on `model` in place; returns the final codes_sha256.
+
+    `fitness(t)` scores the model as it currently is on iteration t's prompt batch.
+    """
+    run_dir = Path(run_dir)
+    seedlog = open_or_create(run_dir, cfg, layers, extra_meta or {})
+    seedlog.clean_partial()
+    done = seedlog.iterations
+    engine = engine_for_log(model, seedlog) if done else Engine(layers, seedlog.noise, seedlog.update)
+    if done:
+        log.info("resuming %s: replaying %d logged iterations", run_dir, done)
+        replay_steps(engine, seedlog)
+    finished = seedlog.finished
+    if finished is not None:
+        log.info("run %s already finished at iteration %d", run_dir, finished["iterations"])
+        return finished["codes_sha256"]
+    metrics = Metrics(run_dir / "metrics.parquet")
+    metrics.load(done)
+    pairs = cfg.population // 2
+    for t in range(done, cfg.iterations):
+        t0 = time.perf_counter()
+        seeds = member_seeds(cfg.global_seed, t, pairs)
+        members = [(s, sign) for s in seeds for sign in (1, -1)]
+        rewards, t_fit, t_pert, hits = [], 0.0, 0.0, 0
+        for seed, sign in members:
+            a = time.perf_counter()
+            p = engine.perturb(seed, sign)
+            b = time.perf_counter()
+            rewards.append(float(fitness(t)))
+            c = time.perf_counter()
+            engine.restore(p)
+            t_pert += (b - a) + (time.perf_counter() - c)
+            t_fit += c - b
+            hits += p.boundary_hits
+        coefs = quantize_coefficients(shape_rewards(rewards, cfg.shaping, cfg.coef_clip))
+        step = Step(
+            iteration=t,
+            alpha_fp=alpha_fixed_point(cfg.alpha_at(t), cfg.sigma),
+            seeds=tuple(s for s, _ in members),
+            signs=tuple(sign for _, sign in members),
+            coefs=coefs,
+        )
+        a = time.perf_counter()
+        stats = engine.apply(step)
+        t_update = time.perf_counter() - a
+        last = t == cfg.iterations - 1
+        checkpoint = engine.codes_sha256() if last or (t + 1) % cfg.checkpoint_every == 0 else None
+        seedlog.append(LoggedStep(step, tuple(rewards), checkpoint))
+        row = {
+            "iteration": t,
+            "reward_mean": sum(rewards) / len(rewards),
+            "reward_max": max(rewards),
+            "reward_min": min(rewards),
+            "changed_fraction": stats.changed_fraction,
+            "changed": stats.changed,
+            "update_boundary_hits": stats.boundary_hits,
+            "perturb_boundary_hits": hits,
+            "alpha": cfg.alpha_at(t),
+            "seconds_fitness": t_fit,
+            "seconds_perturb_restore": t_pert,
+            "seconds_update": t_update,
+            "seconds_total": time.perf_counter() - t0,
+        }
+        metrics.add(row)
+        log.info(
+            "iter %d/%d  reward mean %.4f max %.4f  changed %.4f%%  boundary %d/%d  "
+            "fitness %.1fs perturb+restore %.2fs update %.2fs",
+            t + 1, cfg.iterations, row["reward_mean"], row["reward_max"], 100 * row["changed_fraction"],
+            hits, stats.boundary_hits, t_fit, t_pert, t_update,
+        )
+        if on_iteration is not None:
+            on_iteration(row)
+    final = engine.codes_sha256()
+    seedlog.finish(cfg.iterations, final)
+    return final
