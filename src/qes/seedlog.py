@@ -5,9 +5,10 @@ One directory per run::
     run.json            format version, base codes_sha256, layers, noise tables, update constants,
                         population, global seed and every other hyperparameter
     steps/it-00000000.parquet ...
-                        one file per iteration, one row per member: iteration, member, seed, sign,
-                        coefficient (int), alpha_fp (int), reward (float, for people), and
-                        codes_sha256 after the iteration's update on checkpoint iterations (else null)
+                        one file per iteration, one row per member in member order: iteration,
+                        seed, sign, coefficient (int), alpha_fp (int), reward (float32, for people);
+                        on checkpoint iterations the file's key-value metadata holds
+                        `qes.codes_sha256`, the codes' hash after the iteration's update
     final.json          written once the run has finished: iterations and final codes_sha256
 
 Appends are crash-safe: a step file is written under a temporary name, flushed to disk and renamed,
@@ -39,14 +40,19 @@ _STEP_NAME = re.compile(r"^it-(\d{8})\.parquet$")
 STEP_SCHEMA = pa.schema(
     [
         ("iteration", pa.int32()),
-        ("member", pa.int16()),
         ("seed", pa.int32()),
         ("sign", pa.int8()),
         ("coef", pa.int32()),
         ("alpha_fp", pa.int64()),
         ("reward", pa.float32()),
-        ("codes_sha256", pa.string()),
     ]
+)
+CHECKPOINT_KEY = b"qes.codes_sha256"
+# Small files matter (the log is a run's artefact, target <= 1 KB an iteration at population 50):
+# no Arrow schema copy, no statistics, no dictionaries; page checksums catch corruption.
+_WRITE_OPTIONS = dict(
+    compression="zstd", store_schema=False, write_statistics=False, use_dictionary=False,
+    write_page_checksum=True,
 )
 
 
@@ -81,6 +87,13 @@ def _write_json(path: Path, data: dict) -> None:
     _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
+def _write_step(path: Path, table: pa.Table, checkpoint: str | None) -> None:
+    with pq.ParquetWriter(path, table.schema, **_WRITE_OPTIONS) as writer:
+        writer.write_table(table)
+        if checkpoint is not None:
+            writer.add_key_value_metadata({CHECKPOINT_KEY: checkpoint.encode()})
+
+
 @dataclass
 class SeedLog:
     """A run directory; `create` starts one, `open` validates an existing one."""
@@ -112,24 +125,21 @@ class SeedLog:
         table = pa.table(
             {
                 "iteration": [step.iteration] * n,
-                "member": list(range(n)),
                 "seed": list(step.seeds),
                 "sign": list(step.signs),
                 "coef": list(step.coefs),
                 "alpha_fp": [step.alpha_fp] * n,
                 "reward": list(logged.rewards),
-                "codes_sha256": [logged.checkpoint] * n,
             },
             schema=STEP_SCHEMA,
         )
+
         target = self.path / "steps" / f"it-{step.iteration:08d}.parquet"
         if target.exists():
             raise SeedLogError(f"{target} exists; a logged iteration is never rewritten")
         _write_atomic(
             target,
-            lambda tmp: pq.write_table(
-                table, tmp, compression="zstd", write_page_checksum=True, write_statistics=False
-            ),
+            lambda tmp: _write_step(tmp, table, logged.checkpoint),
         )
 
     def finish(self, iterations: int, codes_sha256: str) -> None:
@@ -224,16 +234,13 @@ class SeedLog:
         if table.schema.remove_metadata() != STEP_SCHEMA:
             raise SeedLogError(f"step file {path} has schema {table.schema}, expected {STEP_SCHEMA}")
         rows = table.to_pydict()
-        n = table.num_rows
-        if n != self.population or rows["member"] != list(range(n)):
+        if table.num_rows != self.population:
             raise SeedLogError(
-                f"step file {path} holds members {rows['member']}, expected 0..{self.population - 1}"
+                f"step file {path} holds {table.num_rows} members, the run has {self.population}"
             )
         if set(rows["iteration"]) != {iteration} or len(set(rows["alpha_fp"])) != 1:
             raise SeedLogError(f"step file {path} mixes iterations or step sizes")
-        checkpoints = set(rows["codes_sha256"])
-        if len(checkpoints) != 1:
-            raise SeedLogError(f"step file {path} holds several checkpoint hashes")
+        checkpoint = (table.schema.metadata or {}).get(CHECKPOINT_KEY)
         step = Step(
             iteration=iteration,
             alpha_fp=rows["alpha_fp"][0],
@@ -241,7 +248,7 @@ class SeedLog:
             signs=tuple(rows["sign"]),
             coefs=tuple(rows["coef"]),
         )
-        return LoggedStep(step, tuple(rows["reward"]), checkpoints.pop())
+        return LoggedStep(step, tuple(rows["reward"]), checkpoint.decode() if checkpoint else None)
 
     def steps(self, start: int = 0) -> Iterator[LoggedStep]:
         for iteration in range(start, self.iterations):
