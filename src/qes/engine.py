@@ -15,14 +15,17 @@ Training and replay call the very same `apply`, which is what makes replay exact
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from qes.codes import QuantLinear
 from qes.noise import BlockTable, NoiseSpec, table_noise
-from qes.store import make_store, stores_sha256
+from qes.store import Arena, prepare_layout
 from qes.update import (
     GAMMA_BITS,
     RESIDUAL_BITS,
@@ -37,38 +40,29 @@ from qes.update import (
 
 @dataclass
 class _Chunk:
-    stores: list
+    arena: Arena
     table: BlockTable
-    offsets: list[int]
-    size: int
     residual: torch.Tensor | None = None
 
-    def segments(self, index: torch.Tensor) -> list[tuple[object, int, int, int]]:
-        """(store, layer offset, start, stop) of each layer's run in `index`, whose layers ascend."""
-        layer = torch.bucketize(index, self.table.offsets[1:], right=True)
-        marks = torch.arange(len(self.stores) + 1, device=index.device)
-        bounds = torch.searchsorted(layer, marks).tolist()
-        return [
-            (store, self.offsets[j], bounds[j], bounds[j + 1])
-            for j, store in enumerate(self.stores)
-            if bounds[j + 1] > bounds[j]
-        ]
+    @property
+    def size(self) -> int:
+        return self.arena.size
 
-    def gather(self, index: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(index)
-        for store, offset, a, b in self.segments(index):
-            out[a:b] = store.gather(index[a:b] - offset)
-        return out
 
-    def max_codes(self, index: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(index)
-        for store, _, a, b in self.segments(index):
-            out[a:b] = store.max_code
-        return out
+@contextmanager
+def _integer_threads():
+    """Run the engine's integer work on one CPU thread.
 
-    def add(self, index: torch.Tensor, delta: torch.Tensor) -> None:
-        for store, offset, a, b in self.segments(index):
-            store.add(index[a:b] - offset, delta[a:b])
+    Its tensors are small-to-medium and its ops many: on CPU the OpenMP fork/join of every op costs
+    more than it saves, and on a busy machine a 2-thread barrier can cost milliseconds per op (seen:
+    a 35x slower update). Generation, which does the heavy matrix work, keeps all threads.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
@@ -107,24 +101,22 @@ class Engine:
         self.layers = sorted(self.layers, key=lambda layer: layer.name)
         self.chunks = []
         group: list[QuantLinear] = []
+        kind = None
         for layer in self.layers:
-            if group and sum(x.num_codes for x in group) + layer.num_codes > self.update.chunk_codes:
-                self.chunks.append(self._chunk(group))
+            layer_kind = (prepare_layout(layer), layer.bits)
+            size = sum(x.num_codes for x in group)
+            if group and (layer_kind != kind or size + layer.num_codes > self.update.chunk_codes):
+                self.chunks.append(self._chunk(group, kind[0]))
                 group = []
             group.append(layer)
-        self.chunks.append(self._chunk(group))
+            kind = layer_kind
+        self.chunks.append(self._chunk(group, kind[0]))
         self.history = deque(maxlen=self.update.window)
 
-    def _chunk(self, layers: list[QuantLinear]) -> _Chunk:
-        device = layers[0].qweight.device
-        sizes = [layer.num_codes for layer in layers]
-        offsets = [sum(sizes[:j]) for j in range(len(sizes))]
-        chunk = _Chunk(
-            stores=[make_store(layer) for layer in layers],
-            table=BlockTable.build([layer.key for layer in layers], sizes, device),
-            offsets=offsets,
-            size=sum(sizes),
-        )
+    def _chunk(self, layers: list[QuantLinear], layout: str) -> _Chunk:
+        arena = Arena(layers, layout)
+        device = arena.flat.device
+        chunk = _Chunk(arena, BlockTable.build([x.key for x in layers], [x.num_codes for x in layers], device))
         if self.update.mode == "stored":
             chunk.residual = torch.zeros(chunk.size, dtype=torch.int16, device=device)
         return chunk
@@ -134,30 +126,39 @@ class Engine:
         return sum(chunk.size for chunk in self.chunks)
 
     def codes_sha256(self) -> str:
-        return stores_sha256([store for chunk in self.chunks for store in chunk.stores])
+        """The qes.codes.codes_sha256 of the current codes, whatever layout the kernels use."""
+        digest = hashlib.sha256()
+        for chunk in self.chunks:  # chunks hold consecutive layers in name order
+            for j, layer in enumerate(chunk.arena.layers):
+                digest.update(layer.name.encode() + b"\0")
+                digest.update(struct.pack("<III", layer.out_features, layer.in_features, layer.bits))
+                digest.update(chunk.arena.layer_codes(j).contiguous().cpu().numpy().tobytes())
+        return digest.hexdigest()
 
     # --- perturb / restore -------------------------------------------------------------------------
 
     @torch.no_grad()
+    @_integer_threads()
     def perturb(self, seed: int, sign: int) -> Perturbation:
         gated = []
         for chunk in self.chunks:
             index, delta = table_noise(self.noise, seed, chunk.table)
             delta = delta * sign
-            target = chunk.gather(index) + delta
-            inside = (target >= 0) & (target <= chunk.max_codes(index))
-            chunk.add(index[inside], delta[inside])
+            target = chunk.arena.gather(index) + delta
+            inside = (target >= 0) & (target <= chunk.arena.max_code)
+            chunk.arena.add(index[inside], delta[inside])
             gated.append(index[~inside])
         return Perturbation(seed, sign, tuple(gated))
 
     @torch.no_grad()
+    @_integer_threads()
     def restore(self, perturbation: Perturbation) -> None:
         for chunk, gated in zip(self.chunks, perturbation.gated):
             index, delta = table_noise(self.noise, perturbation.seed, chunk.table)
             if gated.numel():
                 keep = ~torch.isin(index, gated)
                 index, delta = index[keep], delta[keep]
-            chunk.add(index, -perturbation.sign * delta)
+            chunk.arena.add(index, -perturbation.sign * delta)
 
     # --- update ------------------------------------------------------------------------------------
 
@@ -178,6 +179,7 @@ class Engine:
         return unique, gradient_part(g, step.alpha_fp)
 
     @torch.no_grad()
+    @_integer_threads()
     def apply(self, step: Step) -> StepStats:
         changed = hits = 0
         for chunk in self.chunks:
@@ -195,19 +197,17 @@ class Engine:
         index, u = self._gradient(chunk, step)
         if chunk.residual is not None:
             # Dense over the chunk: the decay touches every non-zero residual.
-            e = chunk.residual.long()
-            s_index = torch.nonzero(e).squeeze(1)
+            s_index = torch.nonzero(chunk.residual).squeeze(1)
             s_index = torch.unique(torch.cat([s_index, index]))
             s_u = torch.zeros(s_index.numel(), dtype=torch.int64, device=index.device)
             s_u[torch.searchsorted(s_index, index)] = u
-            e_at = e[s_index]
+            e_at = chunk.residual[s_index].long()
         else:
             s_index, s_u, e_at = index, u, torch.zeros_like(u)
-        codes = chunk.gather(s_index)
-        max_codes = chunk.max_codes(s_index)
-        applied, residual = feedback_step(s_u, e_at, codes, max_codes, self.update)
+        codes = chunk.arena.gather(s_index)
+        applied, residual = feedback_step(s_u, e_at, codes, chunk.arena.max_code, self.update)
         moved = applied != 0
-        chunk.add(s_index[moved], applied[moved])
+        chunk.arena.add(s_index[moved], applied[moved])
         if chunk.residual is not None:
             chunk.residual.zero_()
             chunk.residual[s_index] = residual.to(torch.int16)
@@ -218,20 +218,32 @@ class Engine:
         return int(((rsr(s, RESIDUAL_BITS) != 0) & (applied == 0)).sum())
 
     def _apply_replay(self, chunk: _Chunk, step: Step) -> tuple[int, int]:
+        # One sort for the whole window: every step's noise entries are mapped onto the union of
+        # supports, and each step's g is summed there before its own rounding, exactly as in _gradient.
         window = [*self.history, step]
-        grads = [self._gradient(chunk, s) for s in window]
-        all_index = torch.cat([i for i, _ in grads])
-        support, inverse = torch.unique(all_index, return_inverse=True)
-        codes = chunk.gather(support)
-        max_codes = chunk.max_codes(support)
-        e = torch.zeros(support.numel(), dtype=torch.int64, device=support.device)
+        parts = []
+        for s in window:
+            pairs = s.seed_coefficients()
+            noise = [table_noise(self.noise, seed, chunk.table) for seed, _ in pairs]
+            largest = max((int(v.abs().max()) for _, v in noise if v.numel()), default=1)
+            check_range(sum(abs(c) for _, c in pairs), largest, s.alpha_fp)
+            parts.append([(i, v * c) for (i, v), (_, c) in zip(noise, pairs)])
+        device = chunk.table.offsets.device
+        flat = [i for step_parts in parts for i, _ in step_parts]
+        if not flat or not sum(i.numel() for i in flat):
+            return 0, 0
+        support, inverse = torch.unique(torch.cat(flat), return_inverse=True)
+        codes = chunk.arena.gather(support)
+        e = torch.zeros(support.numel(), dtype=torch.int64, device=device)
         start = 0
-        for index, u in grads:
-            u_full = torch.zeros_like(e)
-            u_full[inverse[start : start + index.numel()]] = u
-            start += index.numel()
+        for s, step_parts in zip(window, parts):
+            g = torch.zeros_like(e)
+            for i, contrib in step_parts:
+                g.index_add_(0, inverse[start : start + i.numel()], contrib)
+                start += i.numel()
+            u = gradient_part(g, s.alpha_fp)
             e_prev = e
-            applied, e = feedback_step(u_full, e, codes, max_codes, self.update)
+            applied, e = feedback_step(u, e, codes, chunk.arena.max_code, self.update)
         moved = applied != 0
-        chunk.add(support[moved], applied[moved])
-        return int(moved.sum()), self._dropped(u_full, e_prev, applied)
+        chunk.arena.add(support[moved], applied[moved])
+        return int(moved.sum()), self._dropped(u, e_prev, applied)

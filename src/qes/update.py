@@ -41,7 +41,7 @@ class UpdateConfig:
     gamma: float = 0.9
     window: int = 50
     residual_clamp: float = 1.5
-    chunk_codes: int = 1 << 22
+    chunk_codes: int = 1 << 24
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
