@@ -187,3 +187,32 @@ def test_cuda_update_equals_cpu(tiny_gptq) -> None:
             engine.apply(step)
         hashes[device] = engine.codes_sha256()
     assert hashes["cpu"] == hashes["cuda"]
+
+
+def test_fast_kernel_layouts_match_live_kernel(tiny_gptq) -> None:
+    """The int4pack arenas (TorchAtenLinear) and the GPTQ arenas give identical codes at every step.
+
+    The tiny model mixes both: q/o/mlp projections have 64k output rows (int4pack), k/v have 32
+    (kept on the dequantizing GPTQ path).
+    """
+    steps = _steps(3)
+    hashes = {}
+    for kernel in ("live", "fast"):
+        model, _ = load_quantized(tiny_gptq(4), kernel=kernel)
+        engine = Engine(quantized_linears(model, strict=False), NoiseSpec.from_sigma(0.3), UpdateConfig(window=2))
+        layouts = {chunk.arena.layout for chunk in engine.chunks}
+        assert layouts == ({"gptq"} if kernel == "live" else {"gptq", "int4pack"})
+        before = model(PROMPT).logits
+        trace = [engine.codes_sha256()]
+        for step in steps:
+            p = engine.perturb(step.seeds[0], 1)
+            perturbed = model(PROMPT).logits
+            assert not torch.equal(perturbed, before)
+            trace.append(engine.codes_sha256())
+            engine.restore(p)
+            assert torch.equal(model(PROMPT).logits, before)
+            engine.apply(step)
+            before = model(PROMPT).logits
+            trace.append(engine.codes_sha256())
+        hashes[kernel] = trace
+    assert hashes["live"] == hashes["fast"]

@@ -30,6 +30,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qes.faults import fault_point
 from qes.noise import NoiseSpec
 from qes.update import Step, UpdateConfig
 
@@ -67,7 +68,7 @@ class LoggedStep:
     checkpoint: str | None
 
 
-def _write_atomic(path: Path, write) -> None:
+def _write_atomic(path: Path, write, fault: tuple[str, int] | None = None) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
     write(tmp)
     fd = os.open(tmp, os.O_RDONLY)
@@ -75,6 +76,8 @@ def _write_atomic(path: Path, write) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    if fault is not None:
+        fault_point(*fault)
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -140,6 +143,7 @@ class SeedLog:
         _write_atomic(
             target,
             lambda tmp: _write_step(tmp, table, logged.checkpoint),
+            fault=("append", step.iteration),
         )
 
     def finish(self, iterations: int, codes_sha256: str) -> None:

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from qes import __version__
 from qes.codes import QuantLinear, codes_sha256
 from qes.engine import Engine
+from qes.faults import fault_point
 from qes.noise import NoiseSpec, member_seeds
 from qes.replay import engine_for_log, layer_manifest, replay_steps
 from qes.seedlog import LoggedStep, SeedLog, SeedLogError, _write_atomic
@@ -192,6 +193,7 @@ def train(
             a = time.perf_counter()
             p = engine.perturb(seed, sign)
             b = time.perf_counter()
+            fault_point("fitness", t)
             rewards.append(float(fitness(t)))
             c = time.perf_counter()
             engine.restore(p)
@@ -208,6 +210,7 @@ def train(
         )
         a = time.perf_counter()
         stats = engine.apply(step)
+        fault_point("update", t)
         t_update = time.perf_counter() - a
         last = t == cfg.iterations - 1
         checkpoint = engine.codes_sha256() if last or (t + 1) % cfg.checkpoint_every == 0 else None
@@ -239,3 +242,101 @@ def train(
     final = engine.codes_sha256()
     seedlog.finish(cfg.iterations, final)
     return final
+
+
+# --- the finetune stage: a quantized checkpoint + the task's training prompts ----------------------
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """The finetune stage: QES hyperparameters, prompts per iteration and decoding budget."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    batch_prompts: int = 16
+    max_new_tokens: int = 64
+    device: str = "auto"
+
+
+def prompt_indices(global_seed: int, iteration: int, total: int, count: int) -> list[int]:
+    """The training prompts of an iteration: `count` distinct indices, a pure function of the arguments."""
+    from qes.noise import hash32
+
+    key = hash32(hash32((global_seed & 0xFFFFFFFF) ^ 0x27D4EB2F) ^ (iteration & 0xFFFFFFFF))
+    order = sorted(range(total), key=lambda i: (hash32(key ^ hash32(i)), i))
+    return sorted(order[: min(count, total)])
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    return device
+
+
+def finetune(
+    quantized_dir: str | Path,
+    train_parquet: str | Path,
+    run_dir: str | Path,
+    cfg: FinetuneConfig,
+    on_iteration: Callable[[dict], None] | None = None,
+) -> dict:
+    """Run (or resume) QES on a quantized checkpoint with the task's training prompts."""
+    from qes.codes import load_quantized, quantized_linears
+    from qes.fitness import GenerationConfig, load_batch, score
+
+    device = resolve_device(cfg.device)
+    model, tokenizer = load_quantized(quantized_dir, device=device, kernel="fast")
+    full = load_batch(tokenizer, train_parquet)
+    generation = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_prompts)
+    cache: dict[int, object] = {}
+
+    def fitness(t: int) -> float:
+        if t not in cache:
+            cache.clear()
+            picks = prompt_indices(cfg.train.global_seed, t, len(full), cfg.batch_prompts)
+            cache[t] = replace(
+                full,
+                problems=tuple(full.problems[i] for i in picks),
+                prompts=tuple(full.prompts[i] for i in picks),
+                prefixes=tuple(full.prefixes[i] for i in picks),
+                token_ids=tuple(full.token_ids[i] for i in picks),
+            )
+        return score(model, cache[t], generation).mean_reward
+
+    started = time.perf_counter()
+    extra = {
+        "base_checkpoint": str(quantized_dir),
+        "task_data": str(train_parquet),
+        "batch_prompts": cfg.batch_prompts,
+        "max_new_tokens": cfg.max_new_tokens,
+    }
+    layers = quantized_linears(model, strict=False)
+    final = train(model, layers, fitness, cfg.train, run_dir, extra, on_iteration)
+    return {
+        "run_dir": str(run_dir),
+        "codes_sha256": final,
+        "base_codes_sha256": SeedLog.open(run_dir).meta["base_codes_sha256"],
+        "iterations": cfg.train.iterations,
+        "device": device,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def finetune_config(values: dict) -> FinetuneConfig:
+    """The config's finetune block (validated by the workflow schema) as a FinetuneConfig."""
+    values = dict(values)
+    residual = dict(values.pop("residual"))
+    update = UpdateConfig(
+        mode=residual["mode"],
+        gamma=residual["gamma"],
+        window=residual["window"],
+        residual_clamp=residual["clamp"],
+    )
+    outer = {k: values.pop(k) for k in ("batch_prompts", "max_new_tokens", "device")}
+    values.pop("run", None)
+    return FinetuneConfig(train=TrainConfig(**values, update=update), **outer)

@@ -1,0 +1,84 @@
+"""Fitness throughput next to a plain ``model.generate`` of the same model, batch and length, in one run.
+
+    python benchmarks/bench_fitness.py --model results/quantized/smollm2-135m-instruct-w4g64 \
+        --batch 16 --max-new-tokens 64 --repeats 5
+
+Both sides generate greedily from the same left-padded prompt tensors (Countdown prompts of the default task
+settings, rendered with the checkpoint's chat template). The fitness side is :func:`qes.fitness.score`:
+padding, generation, decoding and the reward. The plain side is one ``model.generate`` call and nothing else.
+Runs alternate (fitness, plain, fitness, ...) after one warm-up of each, so load from other processes hits
+both alike; the table gives medians of generated tokens per second (tokens up to and including EOS) and
+their ratio. Compare ratios, not absolute numbers, on shared machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from qes.codes import load_quantized
+from qes.fitness import GenerationConfig, _hf_generation_config, generated_lengths, make_batch, score
+from qes.tasks.countdown import CountdownConfig, TaskSettings, build_prompt, generate_split
+
+
+def plain_generate(model, ids: torch.Tensor, mask: torch.Tensor, gen_cfg, eos: int) -> int:
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+    return sum(generated_lengths(out[:, ids.shape[1] :], eos))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="GPTQ checkpoint folder")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model, tokenizer = load_quantized(args.model)
+    settings = TaskSettings()
+    gen = CountdownConfig(**{**settings.generator.__dict__, "train_size": 0, "eval_size": args.batch})
+    problems = generate_split(gen, "eval")
+    prompts = [build_prompt(tokenizer, p, settings.prompt) for p in problems]
+    batch = make_batch(tokenizer, problems, prompts, settings.prompt.assistant_prefix)
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch)
+    [(_, ids, mask)] = batch.chunks(args.batch)
+    gen_cfg = _hf_generation_config(cfg, batch)
+
+    rates: dict[str, list[float]] = {"fitness (score)": [], "plain generate": []}
+    tokens: dict[str, int] = {}
+    for i in range(args.repeats + 1):
+        start = time.perf_counter()
+        result = score(model, batch, cfg)
+        fit_s = time.perf_counter() - start
+        start = time.perf_counter()
+        plain_tokens = plain_generate(model, ids, mask, gen_cfg, batch.eos_token_id)
+        plain_s = time.perf_counter() - start
+        if plain_tokens != result.generated_tokens:
+            raise RuntimeError(f"token counts differ: fitness {result.generated_tokens}, plain {plain_tokens}")
+        tokens = {"fitness (score)": result.generated_tokens, "plain generate": plain_tokens}
+        if i == 0:
+            continue  # warm-up
+        rates["fitness (score)"].append(result.generated_tokens / fit_s)
+        rates["plain generate"].append(plain_tokens / plain_s)
+
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(
+        f"model {args.model}, batch {args.batch}, max_new_tokens {args.max_new_tokens}, "
+        f"{args.repeats} alternating repeats, torch threads {torch.get_num_threads()}\n"
+    )
+    print("| path | generated tokens | tokens/s (median) | min | max |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for k, v in rates.items():
+        print(f"| {k} | {tokens[k]} | {med[k]:.1f} | {min(v):.1f} | {max(v):.1f} |")
+    print(f"\nfitness / plain throughput: {100 * med['fitness (score)'] / med['plain generate']:.1f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""Rule finetune: run (or resume) QES on the quantized model; the seed log is the run's only state."""
+
+import json
+
+import torch
+
+from qes.logutil import log_to
+from qes.train import finetune, finetune_config
+
+with log_to(snakemake.log[0]) as log:
+    torch.set_num_threads(snakemake.threads)
+    cfg = finetune_config(snakemake.params.finetune)
+    log.info("finetune settings: %s", cfg)
+    summary = finetune(snakemake.input.model, snakemake.input.train, snakemake.params.seed_log, cfg)
+    metrics = f"{snakemake.params.seed_log}/metrics.parquet"
+    with open(metrics, "rb") as src, open(snakemake.output.metrics, "wb") as dst:
+        dst.write(src.read())
+    with open(snakemake.output.summary, "w") as handle:
+        json.dump(summary, handle, indent=2)
+    log.info("finished: %s", json.dumps(summary))

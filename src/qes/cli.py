@@ -1,0 +1,134 @@
+"""The ``qes`` command line: each pipeline stage without Snakemake.
+
+    qes fetch --source bundled:smollm2-135m-instruct --name smollm2-135m-instruct
+    qes quantize results/models/smollm2-135m-instruct --bits 4 --group-size 64
+    qes codes-sha256 results/quantized/smollm2-135m-instruct-w4g64
+
+Each subcommand is one function ``_cmd_<name>(args) -> int`` registered in :data:`COMMANDS` together with the
+function that declares its arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from qes import __version__
+
+
+def _add_fetch(parser: argparse.ArgumentParser) -> None:
+    from qes.fetch import FetchConfig
+
+    defaults = FetchConfig(name="x", source="bundled:smollm2-135m-instruct")
+    parser.add_argument("--source", default=defaults.source, help="bundled:<name>, hf:<org>/<repo> or local:<path>")
+    parser.add_argument("--name", default=None, help="output folder name (default: derived from the source)")
+    parser.add_argument("--revision", default=None, help="hub branch, tag or commit (hf: sources)")
+    parser.add_argument("--dtype", default=defaults.dtype, choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: results/models/<name>)")
+
+
+def _default_name(source: str) -> str:
+    location = source.partition(":")[2].rstrip("/")
+    return location.rsplit("/", 1)[-1].lower() or "model"
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from qes.fetch import FetchConfig, fetch_model
+
+    name = args.name or _default_name(args.source)
+    cfg = FetchConfig(name=name, source=args.source, revision=args.revision, dtype=args.dtype)
+    out = args.out or Path("results/models") / name
+    manifest = fetch_model(cfg, out)
+    print(json.dumps({"out": str(out), "parameters": manifest["parameters"], "revision": manifest["revision"]}))
+    return 0
+
+
+def _add_quantize(parser: argparse.ArgumentParser) -> None:
+    from qes.quantize import QuantizeConfig
+
+    defaults = QuantizeConfig()
+    parser.add_argument("model", type=Path, help="float model folder (output of `qes fetch`)")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/quantized/<model>-w<bits>g<group>")
+    parser.add_argument("--bits", type=int, default=defaults.bits, choices=[4, 8])
+    parser.add_argument("--group-size", type=int, default=defaults.group_size)
+    parser.add_argument("--calibration-samples", type=int, default=defaults.calibration_samples)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--damp-percent", type=float, default=defaults.damp_percent)
+    parser.add_argument("--eval-prompts", type=int, default=defaults.eval_prompts)
+    parser.add_argument("--offload-to-disk", action="store_true")
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from qes.quantize import QuantizeConfig, quantize_model
+
+    cfg = QuantizeConfig(
+        bits=args.bits,
+        group_size=args.group_size,
+        calibration_samples=args.calibration_samples,
+        batch_size=args.batch_size,
+        damp_percent=args.damp_percent,
+        eval_prompts=args.eval_prompts,
+        offload_to_disk=args.offload_to_disk,
+    )
+    out = args.out or Path("results/quantized") / f"{args.model.resolve().name}-{cfg.tag}"
+    report = quantize_model(args.model, out, cfg)
+    summary = {"out": str(out), "codes_sha256": report["codes_sha256"], **report["quality"]}
+    print(json.dumps(summary))
+    return 0
+
+
+def _add_codes_sha256(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, help="GPTQ checkpoint folder")
+
+
+def _cmd_codes_sha256(args: argparse.Namespace) -> int:
+    from qes.codes import codes_sha256, load_quantized
+
+    model, _ = load_quantized(args.model)
+    print(codes_sha256(model))
+    return 0
+
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+#: name -> (help, declare arguments, run)
+COMMANDS: dict[str, Command] = {
+    "fetch": ("fetch a float model (stage fetch_model)", _add_fetch, _cmd_fetch),
+    "quantize": ("GPTQ-quantize a float model (stage quantize)", _add_quantize, _cmd_quantize),
+    "codes-sha256": ("print the codes_sha256 identity of a GPTQ checkpoint", _add_codes_sha256, _cmd_codes_sha256),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(prog="qes", description="Quantized Evolution Strategies on GPTQ models.")
+    parser.add_argument("--version", action="version", version=f"qes {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, declare, run) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        declare(command)
+        command.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``qes`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.run(args))
+    except (ValueError, RuntimeError, FileNotFoundError) as error:
+        print(f"qes {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Held-out comparison of the base quantized model and the tuned one on the same prompts."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from qes.fitness import GenerationConfig, evaluate_heldout, load_batch, require_quantized
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Decoding budget and size of the held-out evaluation."""
+
+    max_new_tokens: int = 96
+    batch_size: int = 32
+    limit: int | None = None
+    device: str = "auto"
+
+
+def evaluate_model(model_dir: str | Path, eval_parquet: str | Path, cfg: EvaluateConfig,
+                   metrics_path: Path, examples_path: str | Path) -> dict:
+    from qes.codes import load_quantized
+    from qes.train import resolve_device
+
+    model, tokenizer = load_quantized(model_dir, device=resolve_device(cfg.device), kernel="fast")
+    require_quantized(model)
+    batch = load_batch(tokenizer, eval_parquet, cfg.limit)
+    generation = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    return evaluate_heldout(model, batch, generation, metrics_path, examples_path, extra={"model": str(model_dir)})
+
+
+def compare(base_dir: str | Path, tuned_dir: str | Path, eval_parquet: str | Path, cfg: EvaluateConfig,
+            metrics_path: str | Path, base_examples: str | Path, tuned_examples: str | Path) -> dict:
+    """Evaluate both models; write metrics.json with base, tuned and their difference."""
+    with tempfile.TemporaryDirectory() as tmp:
+        base = evaluate_model(base_dir, eval_parquet, cfg, Path(tmp) / "base.json", base_examples)
+        tuned = evaluate_model(tuned_dir, eval_parquet, cfg, Path(tmp) / "tuned.json", tuned_examples)
+    keys = ("accuracy", "format_rate", "mean_reward")
+    metrics = {
+        "base": base,
+        "tuned": tuned,
+        "difference": {k: tuned[k] - base[k] for k in keys},
+        "n": base["n"],
+        "max_new_tokens": cfg.max_new_tokens,
+    }
+    Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(metrics_path).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return metrics

@@ -1,0 +1,116 @@
+"""Export a tuned run: loadable GPTQ checkpoint + tokenizer + seed log + a model card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from qes.fsutil import atomic_dir
+
+CARD = """---
+library_name: transformers
+tags: [gptq, qes, evolution-strategies, countdown]
+---
+# {name}
+
+GPTQ {bits}-bit (group size {group_size}) checkpoint of `{base_model}`, fine-tuned in its integer code space
+with Quantized Evolution Strategies (QES) on the Countdown task.
+
+Load it like any GPTQ checkpoint (needs `gptqmodel`):
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("{out_dir}")
+tokenizer = AutoTokenizer.from_pretrained("{out_dir}")
+```
+
+## Identity
+
+| | codes_sha256 |
+|---|---|
+| base quantized checkpoint | `{base_hash}` |
+| this checkpoint | `{tuned_hash}` |
+
+The tuned codes are a function of the base checkpoint and the seed log in `seed_log/` alone. Re-derive them
+bit for bit, on any hardware, with
+
+```bash
+qes replay --base {base_dir} --log {out_dir}/seed_log --out tuned-again
+```
+
+which verifies every hash checkpoint on the way and prints the final codes_sha256 above.
+
+## QES hyperparameters
+
+| | |
+|---|---|
+{hyper_rows}
+
+## Held-out evaluation ({n} problems, greedy, {max_new_tokens} new tokens)
+
+| model | accuracy | format rate | mean reward |
+|---|---|---|---|
+| base (quantized) | {b_acc:.4f} | {b_fmt:.4f} | {b_rew:.4f} |
+| tuned (QES) | {t_acc:.4f} | {t_fmt:.4f} | {t_rew:.4f} |
+"""
+
+_CHECKPOINT_FILES = ("*.safetensors", "*.json", "*.jinja", "*.txt", "*.model")
+
+
+def _hyper_rows(run_meta: dict) -> str:
+    train = run_meta["train"]
+    update = run_meta["update"]
+    rows = [
+        ("iterations", train["iterations"]),
+        ("population (mirrored pairs)", f"{train['population']} ({train['population'] // 2})"),
+        ("sigma", train["sigma"]),
+        ("alpha", f"{train['alpha']} (warm-up {train['alpha_warmup']}, {train['alpha_decay']})"),
+        ("fitness shaping", f"{train['shaping']}, clip {train['coef_clip']}"),
+        ("residual mode", update["mode"]),
+        ("gamma / window K / clamp", f"{update['gamma']} / {update['window']} / {update['residual_clamp']}"),
+        ("noise generator", run_meta["noise"]["generator"]),
+        ("global seed", run_meta["global_seed"]),
+    ]
+    return "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def export_run(
+    replayed_dir: str | Path,
+    seed_log_dir: str | Path,
+    base_dir: str | Path,
+    eval_metrics: dict,
+    out_dir: str | Path,
+) -> Path:
+    """Write `out_dir` with the checkpoint files, a copy of the seed log and README.md."""
+    replayed_dir, seed_log_dir, out_dir = Path(replayed_dir), Path(seed_log_dir), Path(out_dir)
+    run_meta = json.loads((seed_log_dir / "run.json").read_text())
+    final = json.loads((seed_log_dir / "final.json").read_text())
+    quant = json.loads((replayed_dir / "config.json").read_text())["quantization_config"]
+    base_report = Path(base_dir) / "quant_report.json"
+    base_model = json.loads(base_report.read_text()).get("base_model", str(base_dir)) if base_report.is_file() else str(base_dir)
+    with atomic_dir(out_dir) as tmp:
+        for pattern in _CHECKPOINT_FILES:
+            for f in replayed_dir.glob(pattern):
+                if f.name != "replay_report.json":
+                    shutil.copy2(f, tmp / f.name)
+        shutil.copytree(seed_log_dir, tmp / "seed_log", ignore=shutil.ignore_patterns(".tmp-*", "metrics.parquet"))
+        base, tuned = eval_metrics["base"], eval_metrics["tuned"]
+        (tmp / "README.md").write_text(
+            CARD.format(
+                name=out_dir.name,
+                bits=quant["bits"],
+                group_size=quant["group_size"],
+                base_model=base_model,
+                out_dir=out_dir,
+                base_dir=base_dir,
+                base_hash=run_meta["base_codes_sha256"],
+                tuned_hash=final["codes_sha256"],
+                hyper_rows=_hyper_rows(run_meta),
+                n=base["n"],
+                max_new_tokens=eval_metrics.get("max_new_tokens", "?"),
+                b_acc=base["accuracy"], b_fmt=base["format_rate"], b_rew=base["mean_reward"],
+                t_acc=tuned["accuracy"], t_fmt=tuned["format_rate"], t_rew=tuned["mean_reward"],
+            )
+        )
+    return out_dir

@@ -1,0 +1,236 @@
+"""Fitness: greedy batched generation on a fixed prompt batch, scored with the task reward.
+
+The training loop scores the same prompts with many perturbed models per iteration, so prompts
+are tokenised once into a :class:`PromptBatch` and :func:`score` only generates and rewards.
+Generation is greedy (deterministic), uses the KV cache, pads on the left, stops each row at EOS
+and never runs past ``max_new_tokens``.  :func:`evaluate_heldout` writes the held-out metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qes.tasks.countdown import Problem, RewardRecord, read_task_parquet, reward
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Fixed decoding budget: ``max_new_tokens`` per prompt, ``batch_size`` prompts per call."""
+
+    max_new_tokens: int = 64
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("max_new_tokens and batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """Problems with their prompt texts and token ids, tokenised once.
+
+    ``prefixes[i]`` is the assistant prefix that prompt ``i`` ends with; it is put back in front of
+    the response when the reward is computed.
+    """
+
+    problems: tuple[Problem, ...]
+    prompts: tuple[str, ...]
+    prefixes: tuple[str, ...]
+    token_ids: tuple[tuple[int, ...], ...]
+    tokenizer: Any = field(repr=False, compare=False)
+    pad_token_id: int
+    eos_token_id: int
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    def chunks(self, batch_size: int) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
+        """Left-padded ``(rows, input_ids, attention_mask)`` per ``batch_size`` prompts."""
+        out = []
+        for start in range(0, len(self), batch_size):
+            rows = self.token_ids[start : start + batch_size]
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, r in enumerate(rows):
+                ids[j, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+                mask[j, width - len(r) :] = 1
+            out.append((slice(start, start + len(rows)), ids, mask))
+        return out
+
+
+def make_batch(
+    tokenizer: Any, problems: Sequence[Problem], prompts: Sequence[str], prefixes: Sequence[str] | str
+) -> PromptBatch:
+    """Tokenise prompt texts (already chat-formatted; no special tokens are added)."""
+    if isinstance(prefixes, str):
+        prefixes = [prefixes] * len(prompts)
+    if not (len(problems) == len(prompts) == len(prefixes)):
+        raise ValueError("problems, prompts and prefixes differ in length")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    return PromptBatch(
+        tuple(problems), tuple(prompts), tuple(prefixes), tuple(tuple(i) for i in ids), tokenizer, int(pad), int(eos)
+    )
+
+
+@dataclass(frozen=True)
+class FitnessResult:
+    """Per-example rewards (with their records and responses), their mean and the cost."""
+
+    rewards: list[float]
+    records: list[RewardRecord]
+    responses: list[str]
+    mean_reward: float
+    generated_tokens: int
+    seconds: float
+
+
+def _hf_generation_config(cfg: GenerationConfig, batch: PromptBatch) -> Any:
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    return HFGenerationConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        use_cache=True,
+        pad_token_id=batch.pad_token_id,
+        eos_token_id=batch.eos_token_id,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
+
+
+def generated_lengths(new_tokens: torch.Tensor, eos_token_id: int) -> list[int]:
+    """Tokens each row really generated: up to and including its first EOS, else all."""
+    is_eos = new_tokens == eos_token_id
+    first = torch.where(
+        is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, torch.full((new_tokens.shape[0],), new_tokens.shape[1])
+    )
+    return [int(n) for n in first]
+
+
+@torch.inference_mode()
+def generate(model: Any, batch: PromptBatch, cfg: GenerationConfig) -> tuple[list[str], int]:
+    """Greedy responses for every prompt of ``batch`` and the number of generated tokens."""
+    gen_cfg = _hf_generation_config(cfg, batch)
+    device = next(model.parameters()).device
+    responses: list[str] = []
+    total = 0
+    for _, ids, mask in batch.chunks(cfg.batch_size):
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
+        new = out[:, ids.shape[1] :].cpu()
+        lengths = generated_lengths(new, batch.eos_token_id)
+        total += sum(lengths)
+        rows = [row[:n].tolist() for row, n in zip(new, lengths, strict=True)]
+        responses.extend(batch.tokenizer.batch_decode(rows, skip_special_tokens=True))
+    return responses, total
+
+
+def score(model: Any, batch: PromptBatch, cfg: GenerationConfig) -> FitnessResult:
+    """Generate greedily for the whole batch and reward every response."""
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        responses, tokens = generate(model, batch, cfg)
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    records = [
+        reward(r, p.numbers, p.target, prefix)
+        for r, p, prefix in zip(responses, batch.problems, batch.prefixes, strict=True)
+    ]
+    rewards = [r.reward for r in records]
+    mean = sum(rewards) / len(rewards) if rewards else 0.0
+    return FitnessResult(rewards, records, responses, mean, tokens, seconds)
+
+
+def quant_linear_names(model: torch.nn.Module) -> list[str]:
+    """Names of the model's GPTQ quantized linear modules (gptqmodel kernels)."""
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    return [name for name, m in model.named_modules() if isinstance(m, BaseQuantLinear)]
+
+
+def require_quantized(model: torch.nn.Module) -> None:
+    """Raise unless every linear layer of the decoder is a GPTQ quantized module, so that fitness
+    is the quantized model's forward pass and never a float original's."""
+    quantized = quant_linear_names(model)
+    if not quantized:
+        raise ValueError("the model has no GPTQ quantized linear layers (a float model?)")
+    dense = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}."]
+    if dense:
+        raise ValueError(f"decoder linear layers left in float: {dense[:3]}...")
+
+
+def summarize(result: FitnessResult) -> dict[str, Any]:
+    """Held-out metrics of a scored batch."""
+    n = len(result.records)
+    return {
+        "n": n,
+        "accuracy": sum(r.correct for r in result.records) / n if n else 0.0,
+        "format_rate": sum(r.format_ok for r in result.records) / n if n else 0.0,
+        "mean_reward": result.mean_reward,
+        "generated_tokens": result.generated_tokens,
+        "generation_seconds": result.seconds,
+        "tokens_per_second": result.generated_tokens / result.seconds if result.seconds > 0 else 0.0,
+    }
+
+
+def write_examples(batch: PromptBatch, result: FitnessResult, path: str | Path) -> None:
+    """Per-example prompts, responses and rewards as Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    recs = result.records
+    table = pa.table(
+        {
+            "id": [p.id for p in batch.problems],
+            "numbers": [list(p.numbers) for p in batch.problems],
+            "target": [p.target for p in batch.problems],
+            "prompt": list(batch.prompts),
+            "response": result.responses,
+            "answer": [r.answer for r in recs],
+            "format_ok": [r.format_ok for r in recs],
+            "correct": [r.correct for r in recs],
+            "reward": [r.reward for r in recs],
+            "reason": [r.reason for r in recs],
+        }
+    )
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def evaluate_heldout(
+    model: Any,
+    batch: PromptBatch,
+    cfg: GenerationConfig,
+    metrics_path: str | Path,
+    examples_path: str | Path,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score ``batch`` and write ``metrics.json`` (plus ``extra`` keys) and the per-example Parquet."""
+    result = score(model, batch, cfg)
+    metrics = {**summarize(result), "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, **(extra or {})}
+    write_examples(batch, result, examples_path)
+    Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(metrics_path).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return metrics
+
+
+def load_batch(tokenizer: Any, task_parquet: str | Path, limit: int | None = None) -> PromptBatch:
+    """A prompt batch from a task Parquet file written by the task stage (its first ``limit`` rows)."""
+    problems, prompts, prefixes = read_task_parquet(task_parquet, limit)
+    return make_batch(tokenizer, problems, prompts, prefixes)

@@ -1,0 +1,1 @@
+"""Tasks the fine-tuning optimises: problems, prompts and rewards."""

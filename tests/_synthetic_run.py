@@ -1,0 +1,39 @@
+"""Run QES with a synthetic fitness on a GPTQ checkpoint: `python _synthetic_run.py BASE RUN_DIR`.
+
+Used by the crash/resume tests as a real, separately killed process; prints the final codes_sha256.
+"""
+
+import sys
+
+import torch
+
+from qes.codes import load_quantized, quantized_linears
+from qes.train import TrainConfig, train
+from qes.update import UpdateConfig
+
+PROMPT = torch.tensor([[1, 5, 9, 12, 40, 77, 100, 3, 3]])
+CFG = TrainConfig(
+    iterations=6,
+    population=6,
+    sigma=0.3,
+    alpha=0.2,
+    global_seed=11,
+    checkpoint_every=2,
+    update=UpdateConfig(mode="replay", window=3),
+)
+
+
+def main() -> None:
+    model, _ = load_quantized(sys.argv[1])
+
+    def fitness(t: int) -> float:
+        with torch.no_grad():
+            logits = model(PROMPT).logits.float()
+        logp = torch.log_softmax(logits[0, :-1], -1).gather(1, PROMPT[0, 1:, None])
+        return float(logp.mean())
+
+    print(train(model, quantized_linears(model), fitness, CFG, sys.argv[2]))
+
+
+if __name__ == "__main__":
+    main()

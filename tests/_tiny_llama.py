@@ -1,0 +1,94 @@
+"""A tiny, randomly initialised llama with a small byte-level BPE tokenizer, for fast tests.
+
+The tokenizer is trained in memory on a few Countdown-style sentences (vocabulary of a few hundred tokens,
+ChatML chat template with ``<|im_start|>``/``<|im_end|>``), so prompts rendered for the real model render
+for this one too. Everything is deterministic: the same folder content on every call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+HIDDEN = 64
+INTERMEDIATE = 128
+LAYERS = 2
+VOCAB = 384
+
+_CORPUS = [
+    "Using the numbers [3, 5, 7], create an equation that equals 22. You can use basic arithmetic operations "
+    "(+, -, *, /) and each number can only be used once. Show your work in <think> </think> tags. "
+    "And return the final answer in <answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>.",
+    "<think> 3 * 5 = 15, 15 + 7 = 22 </think> <answer> 3 * 5 + 7 </answer>",
+    "The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 10 25 50 75 100 = + - * / ( )",
+    "system user assistant You are a helpful assistant. Let me solve this step by step.",
+    "Explain why the sky is blue. Write a short poem about a lighthouse at night.",
+]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer with ChatML special tokens (pad 0, bos 1, eos 2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(_CORPUS * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        padding_side="left",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_float_model(out_dir: Path, seed: int = 0) -> Path:
+    """Write a tiny float32 llama (2 layers, hidden 64) and its tokenizer to ``out_dir``."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.08)
+    model.generation_config = GenerationConfig(
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

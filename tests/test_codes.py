@@ -1,0 +1,251 @@
+"""The canonical code view: packing, hashing, live writes and the save/load round trip."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from qes import codes as qc
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_unpack_round_trip(bits: int) -> None:
+    gen = torch.Generator().manual_seed(bits)
+    out_features, in_features = 48, 64
+    maxq = (1 << bits) - 1
+    codes = torch.randint(0, maxq + 1, (out_features, in_features), generator=gen, dtype=torch.int64).to(torch.uint8)
+    codes[0, 0] = 0
+    codes[0, 1] = maxq
+    codes[-1, -1] = maxq
+    codes[5, :] = maxq  # a full word of maximal codes packs to -1 as int32
+    packed = qc.pack_codes(codes, bits)
+    assert packed.dtype == torch.int32
+    assert tuple(packed.shape) == (in_features * bits // 32, out_features)
+    assert torch.equal(qc.unpack_codes(packed, bits), codes)
+    assert int(packed[:, 5].eq(-1).sum()) == packed.shape[0]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_unpack_layout_lsb_first(bits: int) -> None:
+    per_word = 32 // bits
+    in_features, out_features = 2 * per_word, 3
+    codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
+    codes[1, 0] = 1  # lowest bits of word 0, column 1
+    codes[2, per_word + 1] = (1 << bits) - 1  # second code of word 1, column 2
+    packed = qc.pack_codes(codes, bits)
+    assert int(packed[0, 1]) == 1
+    assert int(packed[1, 2]) == ((1 << bits) - 1) << bits
+    assert int(packed.abs().sum()) == 1 + (((1 << bits) - 1) << bits)
+
+
+def test_pack_rejects_out_of_range_and_bad_shapes() -> None:
+    with pytest.raises(ValueError, match=r"\[0, 15\]"):
+        qc.pack_codes(torch.full((2, 8), 16, dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        qc.pack_codes(torch.zeros(2, 12, dtype=torch.uint8), 4)
+    with pytest.raises(ValueError, match="unsupported code width 3"):
+        qc.unpack_codes(torch.zeros(3, 2, dtype=torch.int32), 3)
+
+
+def test_layer_key_is_pinned() -> None:
+    assert qc.layer_key("model.layers.3.mlp.up_proj") == 1891923951634361160
+    assert qc.layer_key("model.layers.0.self_attn.q_proj") == 7239434321950610796
+    assert 0 <= qc.layer_key("") < 2**63
+
+
+def test_tiny_gptq_layers_are_live_torch_kernels(tiny_gptq_dir: Path) -> None:
+    model, _ = qc.load_quantized(tiny_gptq_dir)
+    layers = qc.quantized_linears(model)
+    assert [layer.name for layer in layers] == sorted(layer.name for layer in layers)
+    assert len(layers) == 2 * 7
+    assert {type(layer.module).__name__ for layer in layers} == {"TorchLinear"}
+    up = next(layer for layer in layers if layer.name == "model.layers.0.mlp.up_proj")
+    assert (up.in_features, up.out_features) == (64, 128)
+    assert up.num_codes == 64 * 128
+    assert up.qweight.data_ptr() == up.module.qweight.data_ptr()
+    assert up.key == qc.layer_key(up.name)
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits.clone()
+
+
+def test_in_place_code_write_changes_forward(tiny_gptq_dir: Path) -> None:
+    model, _ = qc.load_quantized(tiny_gptq_dir)
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
+    before = _logits(model, ids)  # a first forward pass must not repack qweight
+    layer = next(layer for layer in qc.quantized_linears(model) if layer.name == "model.layers.0.mlp.up_proj")
+    sha_before = qc.codes_sha256(model)
+    q = qc.unpack_codes(layer.qweight, layer.bits)
+    original = int(q[7, 3])
+    q[7, 3] = 0 if original > (1 << (layer.bits - 1)) else (1 << layer.bits) - 1
+    layer.qweight.copy_(qc.pack_codes(q, layer.bits))
+    after = _logits(model, ids)
+    assert (after - before).abs().max().item() > 1e-4
+    assert qc.codes_sha256(model) != sha_before
+    q[7, 3] = original
+    layer.qweight.copy_(qc.pack_codes(q, layer.bits))
+    assert torch.equal(_logits(model, ids), before)
+    assert qc.codes_sha256(model) == sha_before
+
+
+def test_codes_sha256_changes_with_one_code(tiny_gptq_dir: Path) -> None:
+    model, _ = qc.load_quantized(tiny_gptq_dir)
+    layers = qc.quantized_linears(model)
+    sha = qc.codes_sha256(layers)
+    assert sha == qc.codes_sha256(model)
+    assert sha == json.loads((tiny_gptq_dir / "quant_report.json").read_text())["codes_sha256"]
+    layer = layers[-1]
+    layer.qweight.view(-1)[0] ^= 1
+    assert qc.codes_sha256(layers) != sha
+    layer.qweight.view(-1)[0] ^= 1
+    assert qc.codes_sha256(layers) == sha
+
+
+def test_codes_sha256_covers_names_and_order(tiny_gptq_dir: Path) -> None:
+    model, _ = qc.load_quantized(tiny_gptq_dir)
+    layers = qc.quantized_linears(model)
+    assert qc.codes_sha256(list(reversed(layers))) == qc.codes_sha256(layers)
+    renamed = [qc.QuantLinear("x" + layers[0].name, *_rest(layers[0])), *layers[1:]]
+    assert qc.codes_sha256(renamed) != qc.codes_sha256(layers)
+
+
+def _rest(layer: qc.QuantLinear) -> tuple:
+    return layer.module, layer.bits, layer.in_features, layer.out_features
+
+
+def test_zero_points_in_memory_are_exact(tiny_gptq_dir: Path) -> None:
+    model, _ = qc.load_quantized(tiny_gptq_dir)
+    layer = qc.quantized_linears(model)[0]
+    zeros = qc.zero_points(layer)
+    assert torch.all(zeros == 1 << (layer.bits - 1)), "symmetric GPTQ: exact zero is 2^(bits-1) in memory"
+    from safetensors import safe_open
+
+    with safe_open(str(next(tiny_gptq_dir.glob("*.safetensors"))), "pt") as handle:
+        on_disk = handle.get_tensor(f"{layer.name}.qzeros")
+    disk_zeros = qc._unpack_words(on_disk.t().contiguous(), layer.bits)
+    assert torch.all(disk_zeros == (1 << (layer.bits - 1)) - 1), "on disk GPTQ stores zero - 1"
+
+
+def test_save_load_round_trip_identical(tiny_gptq_dir: Path, tmp_path: Path) -> None:
+    model, tokenizer = qc.load_quantized(tiny_gptq_dir)
+    ids = tokenizer("Using the numbers [3, 5, 7] make 22", return_tensors="pt").input_ids
+    _logits(model, ids)  # after a forward pass, to catch kernels that repack on first use
+    layer = qc.quantized_linears(model)[3]
+    q = qc.unpack_codes(layer.qweight, layer.bits)
+    q[0, :5] = (q[0, :5].to(torch.int32) + 1).clamp(max=(1 << layer.bits) - 1).to(torch.uint8)
+    layer.qweight.copy_(qc.pack_codes(q, layer.bits))
+    sha = qc.codes_sha256(model)
+    reference = _logits(model, ids)
+
+    out = qc.save_quantized(model, tokenizer, tmp_path / "saved")
+    assert not list(tmp_path.glob(".saved.tmp-*"))
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["bits"] == layer.bits and config["checkpoint_format"] == "gptq"
+    assert "backend" not in config
+    reloaded, _ = qc.load_quantized(out)
+    assert qc.codes_sha256(reloaded) == sha
+    assert torch.equal(_logits(reloaded, ids), reference)
+
+
+def test_plain_save_pretrained_shifts_zeros(tiny_gptq_dir: Path, tmp_path: Path) -> None:
+    """Documents the pitfall save_quantized avoids: save_pretrained writes in-memory zeros as on-disk ones."""
+    model, tokenizer = qc.load_quantized(tiny_gptq_dir)
+    ids = tokenizer("Using the numbers [3, 5, 7] make 22", return_tensors="pt").input_ids
+    reference = _logits(model, ids)
+    model.save_pretrained(tmp_path / "naive")
+    tokenizer.save_pretrained(tmp_path / "naive")
+    reloaded, _ = qc.load_quantized(tmp_path / "naive")
+    assert qc.codes_sha256(reloaded) == qc.codes_sha256(model)
+    assert not torch.allclose(_logits(reloaded, ids), reference)
+
+
+def test_plain_transformers_load_kernel_choice(tiny_gptq: object, tmp_path: Path) -> None:
+    """Without qes.codes.load_quantized, 4-bit layers get TorchAtenLinear, which repacks qweight at first use."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_gptq(4)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16)
+    kernels = {type(m).__name__ for m in model.modules() if hasattr(m, "qweight")}
+    assert kernels == {"TorchAtenLinear"}
+    with pytest.raises(RuntimeError, match="load_quantized"):
+        qc.quantized_linears(model)
+    with torch.no_grad():
+        model(torch.tensor([[1, 20, 30]]))
+    with pytest.raises(RuntimeError, match="no longer in GPTQ layout"):
+        qc.quantized_linears(model, strict=False)
+
+
+def test_load_quantized_rejects_float_folder(tiny_float_dir: Path) -> None:
+    with pytest.raises(ValueError, match="not a GPTQ checkpoint"):
+        qc.load_quantized(tiny_float_dir)
+
+
+def test_save_failure_leaves_no_folder(tiny_gptq_dir: Path, tmp_path: Path) -> None:
+    model, _ = qc.load_quantized(tiny_gptq_dir)
+
+    class BrokenTokenizer:
+        def save_pretrained(self, path: object) -> None:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        qc.save_quantized(model, BrokenTokenizer(), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_copy_of_checkpoint_loads(tiny_gptq_dir: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(tiny_gptq_dir, tmp_path / "copy"))
+    model, _ = qc.load_quantized(copy)
+    assert qc.codes_sha256(model) == json.loads((copy / "quant_report.json").read_text())["codes_sha256"]
+
+
+def test_cached_forward_matches_gptqmodel_kernel(tiny_gptq_dir: Path) -> None:
+    """qes' dequantize-once forward computes the same function as GPTQModel's TorchLinear kernel."""
+    cached, tokenizer = qc.load_quantized(tiny_gptq_dir)
+    kernel, _ = qc.load_quantized(tiny_gptq_dir, cache_weights=False)
+    ids = tokenizer("Using the numbers [3, 5, 7] make 22", return_tensors="pt").input_ids
+    a, b = _logits(cached, ids), _logits(kernel, ids)
+    # GPTQModel multiplies in fp16, qes in fp32: equal up to fp16 rounding of the weights.
+    assert torch.allclose(a, b, atol=2e-3, rtol=1e-3), (a - b).abs().max()
+    assert a.argmax(-1).equal(b.argmax(-1))
+
+
+def test_dequantize_formula(tiny_gptq_dir: Path) -> None:
+    model, _ = qc.load_quantized(tiny_gptq_dir)
+    layer = qc.quantized_linears(model)[2]
+    module = layer.module
+    q = layer.codes().to(torch.float32)  # [out, in]
+    zeros = qc.zero_points(layer).to(torch.float32)  # [in/g, out]
+    scales = module.scales.to(torch.float32)
+    group = (torch.arange(layer.in_features) // 32).long()
+    expected = ((q.t() - zeros[group]) * scales[group]).to(torch.float32)
+    assert torch.equal(qc.dequantize(module), expected)
+    assert torch.equal(module.g_idx.long(), group)
+
+
+def test_cache_follows_every_write_path(tiny_gptq_dir: Path) -> None:
+    model, _ = qc.load_quantized(tiny_gptq_dir)
+    ids = torch.tensor([[1, 20, 30, 40]])
+    base = _logits(model, ids)
+    layer = next(layer for layer in qc.quantized_linears(model) if layer.name.endswith("0.self_attn.v_proj"))
+    saved = layer.qweight.clone()
+    writes = [
+        lambda w: w.__setitem__((0, 0), w[0, 0] ^ 0x11),
+        lambda w: w.bitwise_xor_(0x1),
+        lambda w: w.index_put_((torch.tensor([1]), torch.tensor([2])), torch.tensor([0], dtype=torch.int32)),
+    ]
+    for write in writes:
+        write(layer.qweight)
+        assert not torch.equal(_logits(model, ids), base)
+        layer.qweight.copy_(saved)
+        assert torch.equal(_logits(model, ids), base)
+    # A write that bypasses torch's version counter needs refresh().
+    layer.qweight.numpy()[0, 0] ^= 0x11
+    stale = _logits(model, ids)
+    qc.refresh(model)
+    assert not torch.equal(_logits(model, ids), stale)

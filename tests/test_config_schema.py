@@ -1,0 +1,137 @@
+"""The config schema: defaults, and bad configs stopped before any job with a message naming the key."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("snakemake")
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = str(ROOT / "workflow" / "schemas" / "config.schema.yaml")
+
+
+def _default_config() -> dict:
+    return yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+
+
+def _error_text(config: dict) -> str:
+    with pytest.raises(WorkflowError) as info:
+        validate(config, SCHEMA)
+    return str(info.value) + "\n" + "\n".join(str(arg) for arg in info.value.args)
+
+
+def test_default_config_is_valid() -> None:
+    config = _default_config()
+    validate(config, SCHEMA)
+    assert config["quantize"]["bits"] == 4
+    assert config["model"]["source"] == "bundled:smollm2-135m-instruct"
+
+
+def test_examples_are_valid() -> None:
+    examples = sorted((ROOT / "config" / "examples").glob("*.yaml"))
+    assert examples
+    for example in examples:
+        validate(yaml.safe_load(example.read_text()), SCHEMA)
+
+
+def test_defaults_fill_missing_blocks_and_keys() -> None:
+    config: dict = {"quantize": {"bits": 8}}
+    validate(config, SCHEMA)
+    assert config["quantize"] == {
+        "bits": 8,
+        "group_size": 64,
+        "calibration_samples": 128,
+        "batch_size": 8,
+        "damp_percent": 0.05,
+        "eval_prompts": 16,
+        "offload_to_disk": False,
+    }
+    assert config["model"]["name"] == "smollm2-135m-instruct"
+    assert config["model"]["revision"] is None
+
+
+def test_every_key_has_type_default_and_description() -> None:
+    schema = yaml.safe_load(Path(SCHEMA).read_text())
+
+    def walk(node: dict, path: str) -> None:
+        assert node.get("description"), f"{path} lacks a description"
+        if node.get("type") == "object":
+            assert node.get("additionalProperties") is False, f"{path} accepts unknown keys"
+            for key, sub in node["properties"].items():
+                walk(sub, f"{path}.{key}")
+        if path != "config":
+            assert "type" in node, f"{path} lacks a type"
+            assert "default" in node, f"{path} lacks a default"
+
+    walk(schema, "config")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda c: c.update(bogus=1), "'bogus' was unexpected"),
+        (lambda c: c["quantize"].update(bitz=4), "'bitz' was unexpected"),
+        (lambda c: c["quantize"].update(bits=3), "3 is not one of [4, 8]"),
+        (lambda c: c["quantize"].update(group_size="64"), "'64' is not of type 'integer'"),
+        (lambda c: c["quantize"].update(group_size=0), "0 is less than the minimum of 1"),
+        (lambda c: c["quantize"].update(damp_percent=1.5), "damp_percent"),
+        (lambda c: c["model"].update(source="ftp://x"), "does not match"),
+        (lambda c: c["model"].update(name="a/b"), "does not match"),
+        (lambda c: c["model"].update(dtype="int8"), "'int8' is not one of"),
+    ],
+)
+def test_bad_configs_are_rejected(mutate, expected: str) -> None:
+    config = copy.deepcopy(_default_config())
+    mutate(config)
+    text = _error_text(config)
+    assert expected in text
+
+
+def test_error_names_the_nested_key() -> None:
+    config = _default_config()
+    config["quantize"]["bits"] = 3
+    text = _error_text(config)
+    assert "['quantize']['bits']" in text
+
+
+def _dry_run(*config_args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--forceall", "--cores", "1", "--config", *config_args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def test_dry_run_stops_on_bad_value_before_any_job() -> None:
+    result = _dry_run("quantize={bits: 3}")
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "3 is not one of [4, 8]" in output
+    assert "['quantize']['bits']" in output
+    assert "Job stats" not in output
+
+
+def test_dry_run_stops_on_unknown_key() -> None:
+    result = _dry_run("finetune_typo=1")
+    assert result.returncode != 0
+    assert "'finetune_typo' was unexpected" in result.stdout + result.stderr
+
+
+def test_dry_run_accepts_nested_override() -> None:
+    result = _dry_run("quantize={bits: 8, group_size: 32}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "results/quantized/smollm2-135m-instruct-w8g32" in result.stdout + result.stderr

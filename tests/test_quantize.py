@@ -1,0 +1,136 @@
+"""Stage quantize on the tiny model: settings, early failures, calibration prompts and the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qes import codes as qc
+from qes.quantize import (
+    QuantizeConfig,
+    builtin_calibration_prompts,
+    builtin_heldout_prompts,
+    check_group_size,
+    linear_in_features,
+    quantize_model,
+)
+
+
+def _smollm2_like_config(folder: Path) -> Path:
+    """config.json with SmolLM2-135M's shapes (no weights): hidden 576, intermediate 1536, 30 layers."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    ).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"bits": 3}, r"quantize.bits must be one of \(4, 8\), got 3"),
+        ({"bits": 2}, r"quantize.bits must be one of \(4, 8\), got 2"),
+        ({"group_size": 0}, "group_size must be a positive integer"),
+        ({"damp_percent": 1.0}, "damp_percent must lie in"),
+        ({"calibration_samples": 0}, "calibration_samples must be >= 1"),
+    ],
+)
+def test_quantize_config_rejects_bad_values(values: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        QuantizeConfig(**values)
+
+
+def test_quantize_config_from_dict() -> None:
+    cfg = QuantizeConfig.from_dict({"bits": 8, "group_size": 32})
+    assert (cfg.bits, cfg.group_size, cfg.tag) == (8, 32, "w8g32")
+    with pytest.raises(ValueError, match="unknown quantize setting.*: group"):
+        QuantizeConfig.from_dict({"group": 32})
+
+
+def test_smollm2_widths_and_group_sizes(tmp_path: Path) -> None:
+    widths = linear_in_features(_smollm2_like_config(tmp_path))
+    assert len(widths) == 30 * 7
+    assert {w for w, _ in widths.values()} == {576, 1536}
+    assert widths["model.layers.0.mlp.down_proj"] == (1536, 576)
+    check_group_size(widths, QuantizeConfig(group_size=64))
+    check_group_size(widths, QuantizeConfig(bits=8, group_size=32))
+    with pytest.raises(ValueError) as info:
+        check_group_size(widths, QuantizeConfig(group_size=128))
+    message = str(info.value)
+    assert "quantize.group_size=128 does not divide the input width of layer model.layers.0.mlp.gate_proj" in message
+    assert "(576 in_features)" in message
+    assert "(576, 1536)" in message
+    assert "group sizes that fit every layer: 16, 32, 64" in message
+
+
+def test_bad_group_size_fails_before_quantizing(tiny_float_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    expected = r"group_size=48 does not divide .* layer model\.layers\.0\.mlp\.down_proj \(128 in_features\)"
+    with pytest.raises(ValueError, match=expected):
+        quantize_model(tiny_float_dir, out, QuantizeConfig(group_size=48))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_model_folder(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="run fetch_model first"):
+        quantize_model(tmp_path / "nope", tmp_path / "q", QuantizeConfig())
+
+
+def test_calibration_prompts_are_deterministic_and_disjoint_from_heldout() -> None:
+    first = builtin_calibration_prompts(128)
+    assert first == builtin_calibration_prompts(128)
+    assert len({m[0]["content"] for m in first}) == 128
+    assert first[0][0]["content"].startswith("Using the numbers [")
+    assert "<answer>" in first[0][0]["content"]
+    heldout = builtin_heldout_prompts(64)
+    assert not {m[0]["content"] for m in heldout} & {m[0]["content"] for m in builtin_calibration_prompts(2048)}
+    assert any("lighthouse" in m[0]["content"] for m in heldout)
+
+
+def test_report_of_tiny_quantization(tiny_gptq_dir: Path) -> None:
+    report = json.loads((tiny_gptq_dir / "quant_report.json").read_text())
+    assert report["bits"] in (4, 8) and report["group_size"] == 32
+    assert report["format"] == "gptq" and report["sym"] is True and report["desc_act"] is False
+    assert report["quantized_layers"] == 14
+    # per layer: q, o 64x64; k, v 32x64; gate, up 128x64; down 64x128
+    assert report["num_codes"] == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64)
+    assert report["size_bytes"] > 0
+    quality = report["quality"]
+    assert quality["prompts"] == 4 and quality["positions"] > 4
+    assert 0.0 <= quality["next_token_agreement"] <= 1.0
+    assert 0.0 < quality["relative_logit_error"] < 1.0
+    assert set(report["timings"]) >= {"load_s", "quantize_s", "save_s", "evaluate_s", "total_s"}
+    model, _ = qc.load_quantized(tiny_gptq_dir)
+    assert qc.codes_sha256(model) == report["codes_sha256"]
+    assert {layer.bits for layer in qc.quantized_linears(model)} == {report["bits"]}
+
+
+def test_int8_is_closer_to_float_than_int4(tiny_gptq) -> None:
+    errors = {}
+    for bits in (4, 8):
+        report = json.loads((tiny_gptq(bits) / "quant_report.json").read_text())
+        errors[bits] = report["quality"]["relative_logit_error"]
+    assert errors[8] < errors[4] / 4, errors
+
+
+def test_checkpoint_loads_with_plain_transformers(tiny_gptq_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_gptq_dir), dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_gptq_dir))
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Using the numbers [3, 5, 7] make 22"}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    assert out.shape[1] == ids.shape[1] + 8

