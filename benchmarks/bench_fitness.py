@@ -1,7 +1,7 @@
 """Fitness throughput next to a plain ``model.generate`` of the same model, batch and length, in one run.
 
     python benchmarks/bench_fitness.py --model results/quantized/smollm2-135m-instruct-w4g64 \
-        --batch 16 --max-new-tokens 64 --repeats 5
+        --batch 16 --max-new-tokens 48 --repeats 5
 
 Both sides generate greedily from the same left-padded prompt tensors (Countdown prompts of the default task
 settings, rendered with the checkpoint's chat template). The fitness side is :func:`qes.fitness.score`:
@@ -20,7 +20,7 @@ import time
 import torch
 
 from qes.codes import load_quantized
-from qes.fitness import GenerationConfig, _hf_generation_config, generated_lengths, make_batch, score
+from qes.fitness import GenerationConfig, generated_lengths, hf_generation_config, make_batch, score
 from qes.tasks.countdown import CountdownConfig, TaskSettings, build_prompt, generate_split
 
 
@@ -37,11 +37,12 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    parser.add_argument("--kernel", choices=["live", "fast"], default="fast", help="qes.codes.load_quantized kernel")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, tokenizer = load_quantized(args.model)
+    model, tokenizer = load_quantized(args.model, kernel=args.kernel)
     settings = TaskSettings()
     gen = CountdownConfig(**{**settings.generator.__dict__, "train_size": 0, "eval_size": args.batch})
     problems = generate_split(gen, "eval")
@@ -49,7 +50,7 @@ def main() -> None:
     batch = make_batch(tokenizer, problems, prompts, settings.prompt.assistant_prefix)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch)
     [(_, ids, mask)] = batch.chunks(args.batch)
-    gen_cfg = _hf_generation_config(cfg, batch)
+    gen_cfg = hf_generation_config(cfg, batch)
 
     rates: dict[str, list[float]] = {"fitness (score)": [], "plain generate": []}
     tokens: dict[str, int] = {}

@@ -12,20 +12,20 @@ rule finetune:
     output:
         summary="results/finetune/{run}/summary.json",
         metrics="results/finetune/{run}/metrics.parquet",
-    params:
-        finetune=lambda wildcards: config["finetune"],
-        seed_log=lambda wildcards: seed_log_dir(wildcards.run),
     log:
         "logs/finetune/{run}.log",
     benchmark:
         "benchmarks/finetune/{run}.tsv"
+    conda:
+        "../envs/qes.yaml"
     threads: max(1, workflow.cores)
     resources:
         mem_mb=8000,
         runtime=240,
         gpu=lambda wildcards: 1 if config["finetune"]["device"] == "cuda" else 0,
-    conda:
-        "../envs/qes.yaml"
+    params:
+        finetune=lambda wildcards: config["finetune"],
+        seed_log=lambda wildcards: seed_log_dir(wildcards.run),
     script:
         "../scripts/finetune.py"
 
@@ -36,17 +36,17 @@ rule replay:
         summary="results/finetune/{run}/summary.json",
     output:
         model=directory("results/replay/{run}"),
-    params:
-        seed_log=lambda wildcards: seed_log_dir(wildcards.run),
     log:
         "logs/replay/{run}.log",
     benchmark:
         "benchmarks/replay/{run}.tsv"
+    conda:
+        "../envs/qes.yaml"
     threads: max(1, workflow.cores)
     resources:
         mem_mb=4000,
-    conda:
-        "../envs/qes.yaml"
+    params:
+        seed_log=lambda wildcards: seed_log_dir(wildcards.run),
     script:
         "../scripts/replay.py"
 
@@ -75,18 +75,18 @@ rule evaluate:
             caption="../workflow/report/base_vs_tuned.rst",
             category="Evaluation",
         ),
-    params:
-        evaluate=lambda wildcards: config["evaluate"],
-        device=lambda wildcards: config["finetune"]["device"],
     log:
         "logs/evaluate/{run}.log",
     benchmark:
         "benchmarks/evaluate/{run}.tsv"
+    conda:
+        "../envs/qes.yaml"
     threads: max(1, workflow.cores)
     resources:
         mem_mb=6000,
-    conda:
-        "../envs/qes.yaml"
+    params:
+        evaluate=lambda wildcards: config["evaluate"],
+        device=lambda wildcards: config["finetune"]["device"],
     script:
         "../scripts/evaluate.py"
 
@@ -98,15 +98,15 @@ rule export:
         metrics="results/eval/{run}/metrics.json",
     output:
         model=directory("results/export/{run}"),
-    params:
-        seed_log=lambda wildcards: seed_log_dir(wildcards.run),
     log:
         "logs/export/{run}.log",
     benchmark:
         "benchmarks/export/{run}.tsv"
-    resources:
-        mem_mb=2000,
     conda:
         "../envs/qes.yaml"
+    resources:
+        mem_mb=2000,
+    params:
+        seed_log=lambda wildcards: seed_log_dir(wildcards.run),
     script:
         "../scripts/export.py"

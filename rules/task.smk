@@ -8,15 +8,15 @@ rule make_task_data:
     output:
         train="results/data/{task}/train.parquet",
         eval="results/data/{task}/eval.parquet",
-    params:
-        task=lambda wildcards: {**config["task"], "name": wildcards.task},
     log:
         "logs/make_task_data/{task}.log",
     benchmark:
         "benchmarks/make_task_data/{task}.tsv"
-    resources:
-        mem_mb=2000,
     conda:
         "../envs/qes.yaml"
+    resources:
+        mem_mb=2000,
+    params:
+        task=lambda wildcards: {**config["task"], "name": wildcards.task},
     script:
         "../scripts/make_task_data.py"

@@ -1,6 +1,7 @@
 """Rule replay: re-derive the tuned checkpoint from the base and the seed log alone; fail on any mismatch."""
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -9,7 +10,7 @@ from qes.replay import replay_checkpoint
 
 with log_to(snakemake.log[0]) as log:
     torch.set_num_threads(snakemake.threads)
-    expected = json.loads(open(snakemake.input.summary).read())["codes_sha256"]
+    expected = json.loads(Path(snakemake.input.summary).read_text())["codes_sha256"]
     report = replay_checkpoint(snakemake.input.model, snakemake.params.seed_log, snakemake.output.model)
     if report["codes_sha256"] != expected:
         raise RuntimeError(

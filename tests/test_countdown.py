@@ -159,7 +159,7 @@ SMALL = CountdownConfig(
 
 
 def test_generator_pinned():
-    cfg = CountdownConfig(train_size=3, eval_size=2, seed=0)
+    cfg = CountdownConfig(3, 4, 1, 100, 1, 100, train_size=3, eval_size=2, seed=0)  # the paper's difficulty
     train = generate_split(cfg, "train")
     assert [(p.numbers, p.target, p.solution) for p in train] == [
         ((74, 8, 52), 30, "8 + (74 - 52)"),
@@ -300,6 +300,10 @@ def test_task_settings_from_dict():
         TaskSettings.from_dict({"prompt": {"shots": 1}})
     with pytest.raises(ValueError, match="unknown task"):
         TaskSettings.from_dict({"name": "gsm8k"})
+    with pytest.raises(ValueError, match="may only use the fields"):
+        TaskSettings.from_dict({"prompt": {"user_template": "reach {goal}"}})
+    nulls = TaskSettings.from_dict({"prompt": {"system": None, "user_template": None, "few_shot": None}})
+    assert nulls.prompt == PromptStyle()
 
 
 def test_make_task_data(tmp_path):
@@ -320,6 +324,9 @@ def test_make_task_data_from_files(tmp_path):
     settings = TaskSettings.from_dict({"train_file": str(tmp_path / "train.json"), "train_size": 1, "eval_size": 5})
     make_task_data(settings, ChatMLTokenizer(), tmp_path / "a.parquet", tmp_path / "b.parquet")
     assert read_task_parquet(tmp_path / "a.parquet")[0][0].numbers == (1, 2)
+    held = read_task_parquet(tmp_path / "b.parquet")[0]
+    assert len(held) == 5 and ((1, 2), 3) not in {p.key for p in held}  # generated eval skips the file's keys
+    assert ((1, 2), 3) in {p.key for p in generate_split(settings.generator, "eval")}
     clash = TaskSettings.from_dict(
         {
             **settings.__dict__["generator"].__dict__,

@@ -52,7 +52,11 @@ def test_restore_is_exact_including_boundaries(tiny_gptq, bits: int) -> None:
     model = _model(tiny_gptq, bits)
     top = (1 << bits) - 1
     # A third of the codes at 0, a third at the maximum: plenty of gated positions.
-    _set_codes(model, lambda layer, q: torch.where(torch.arange(q.numel()).view(q.shape) % 3 == 0, 0, torch.where(torch.arange(q.numel()).view(q.shape) % 3 == 1, top, q)))
+    def fill(layer, q):
+        third = torch.arange(q.numel()).view(q.shape) % 3
+        return torch.where(third == 0, 0, torch.where(third == 1, top, q))
+
+    _set_codes(model, fill)
     engine = Engine(quantized_linears(model), NoiseSpec.from_sigma(0.6), UpdateConfig(chunk_codes=30_000))
     before = engine.codes_sha256()
     logits = model(PROMPT).logits
@@ -103,7 +107,8 @@ def test_feedback_step_by_hand() -> None:
     applied, _ = feedback_step(u, e, codes, 15, none)
     assert applied.tolist() == [0, 1, 0, 0, 1]  # the residual input is ignored without feedback
     clamp = UpdateConfig(mode="stored", gamma=0.9)
-    _, residual = feedback_step(torch.tensor([int(0.49 * one) + one * 0]), torch.tensor([int(1.5 * one)]), torch.tensor([3]), 15, clamp)
+    u, e = torch.tensor([int(0.49 * one)]), torch.tensor([int(1.5 * one)])
+    _, residual = feedback_step(u, e, torch.tensor([3]), 15, clamp)
     # 0.49 + 0.9 * 1.5 = 1.84 -> step 2, residual -0.16 (within the clamp)
     assert abs(int(residual) / one + 0.16) < 1e-3
 

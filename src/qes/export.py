@@ -88,7 +88,9 @@ def export_run(
     final = json.loads((seed_log_dir / "final.json").read_text())
     quant = json.loads((replayed_dir / "config.json").read_text())["quantization_config"]
     base_report = Path(base_dir) / "quant_report.json"
-    base_model = json.loads(base_report.read_text()).get("base_model", str(base_dir)) if base_report.is_file() else str(base_dir)
+    base_model = str(base_dir)
+    if base_report.is_file():
+        base_model = json.loads(base_report.read_text()).get("model", base_model)
     with atomic_dir(out_dir) as tmp:
         for pattern in _CHECKPOINT_FILES:
             for f in replayed_dir.glob(pattern):

@@ -96,7 +96,8 @@ class FitnessResult:
     seconds: float
 
 
-def _hf_generation_config(cfg: GenerationConfig, batch: PromptBatch) -> Any:
+def hf_generation_config(cfg: GenerationConfig, batch: PromptBatch) -> Any:
+    """The transformers generation settings of ``score``: greedy, KV cache, the batch's pad and EOS."""
     from transformers import GenerationConfig as HFGenerationConfig
 
     return HFGenerationConfig(
@@ -124,7 +125,7 @@ def generated_lengths(new_tokens: torch.Tensor, eos_token_id: int) -> list[int]:
 @torch.inference_mode()
 def generate(model: Any, batch: PromptBatch, cfg: GenerationConfig) -> tuple[list[str], int]:
     """Greedy responses for every prompt of ``batch`` and the number of generated tokens."""
-    gen_cfg = _hf_generation_config(cfg, batch)
+    gen_cfg = hf_generation_config(cfg, batch)
     device = next(model.parameters()).device
     responses: list[str] = []
     total = 0

@@ -7,8 +7,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+import matplotlib.pyplot as plt
+import pyarrow.parquet as pq
 
 
 def plot_training_reward(metrics_parquet: str | Path, out_png: str | Path, title: str = "") -> None:

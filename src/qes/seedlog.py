@@ -5,8 +5,9 @@ One directory per run::
     run.json            format version, base codes_sha256, layers, noise tables, update constants,
                         population, global seed and every other hyperparameter
     steps/it-00000000.parquet ...
-                        one file per iteration, one row per member in member order: iteration,
-                        seed, sign, coefficient (int), alpha_fp (int), reward (float32, for people);
+                        one file per iteration (its number is in the name), one row per member in
+                        member order: seed, sign, coefficient (int), alpha_fp (int), reward (float32,
+                        for people);
                         on checkpoint iterations the file's key-value metadata holds
                         `qes.codes_sha256`, the codes' hash after the iteration's update
     final.json          written once the run has finished: iterations and final codes_sha256
@@ -40,7 +41,6 @@ _STEP_NAME = re.compile(r"^it-(\d{8})\.parquet$")
 
 STEP_SCHEMA = pa.schema(
     [
-        ("iteration", pa.int32()),
         ("seed", pa.int32()),
         ("sign", pa.int8()),
         ("coef", pa.int32()),
@@ -127,7 +127,6 @@ class SeedLog:
             raise SeedLogError(f"step {step.iteration} has {n} members, the run has {self.population}")
         table = pa.table(
             {
-                "iteration": [step.iteration] * n,
                 "seed": list(step.seeds),
                 "sign": list(step.signs),
                 "coef": list(step.coefs),
@@ -176,7 +175,7 @@ class SeedLog:
                 f"this qes reads version {VERSION}"
             )
         log = cls(path, meta)
-        log.iterations  # validates contiguity now
+        _ = log.iterations  # validates contiguity now
         return log
 
     @property
@@ -242,8 +241,8 @@ class SeedLog:
             raise SeedLogError(
                 f"step file {path} holds {table.num_rows} members, the run has {self.population}"
             )
-        if set(rows["iteration"]) != {iteration} or len(set(rows["alpha_fp"])) != 1:
-            raise SeedLogError(f"step file {path} mixes iterations or step sizes")
+        if len(set(rows["alpha_fp"])) != 1:
+            raise SeedLogError(f"step file {path} mixes step sizes")
         checkpoint = (table.schema.metadata or {}).get(CHECKPOINT_KEY)
         step = Step(
             iteration=iteration,

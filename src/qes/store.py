@@ -89,7 +89,7 @@ class Arena:
         for layer, t in zip(layers, tensors):
             n = t.numel() * t.element_size() // self.flat.element_size()
             view = self.flat[start : start + n].view(t.dtype).view(t.shape)
-            setattr(layer.module, "qweight", view)
+            layer.module.qweight = view
             storage_offsets.append(start)
             start += n
         sizes = [layer.num_codes for layer in layers]

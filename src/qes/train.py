@@ -328,15 +328,14 @@ def finetune(
 
 
 def finetune_config(values: dict) -> FinetuneConfig:
-    """The config's finetune block (validated by the workflow schema) as a FinetuneConfig."""
+    """The config's finetune block as a FinetuneConfig; keys left out take the dataclass defaults."""
     values = dict(values)
-    residual = dict(values.pop("residual"))
-    update = UpdateConfig(
-        mode=residual["mode"],
-        gamma=residual["gamma"],
-        window=residual["window"],
-        residual_clamp=residual["clamp"],
-    )
-    outer = {k: values.pop(k) for k in ("batch_prompts", "max_new_tokens", "device")}
+    residual = dict(values.pop("residual", {}))
+    if "clamp" in residual:
+        residual["residual_clamp"] = residual.pop("clamp")
+    outer = {k: values.pop(k) for k in ("batch_prompts", "max_new_tokens", "device") if k in values}
     values.pop("run", None)
-    return FinetuneConfig(train=TrainConfig(**values, update=update), **outer)
+    unknown = set(values) - set(TrainConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown finetune setting(s): {', '.join(sorted(unknown))}")
+    return FinetuneConfig(train=TrainConfig(**values, update=UpdateConfig(**residual)), **outer)

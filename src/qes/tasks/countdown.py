@@ -3,11 +3,18 @@
 Three parts, each usable on its own:
 
 * problems -- a seeded generator (every problem solvable by construction, with a reference
-  solution) and a loader for JSON files holding a list of ``{"numbers": [...], "target": n}``;
+  solution; its own splitmix64 counter RNG, so the sets are identical on every Python version) and a
+  loader for JSON files holding a list of ``{"numbers": [...], "target": n}``;
 * prompts  -- chat-template prompts asking for reasoning in ``<think>`` tags and the final
-  expression in ``<answer>`` tags, optionally ending with an assistant prefix;
+  expression in ``<answer>`` tags;
 * reward   -- ``0.1 * format + 1.0 * correct`` with an answer checker that parses the expression
   with ``ast`` into an allow-listed tree and evaluates it over exact fractions (never ``eval``).
+
+Prompt.  The default was calibrated on SmolLM2-135M-Instruct (greedy, 64 new tokens): zero-shot it
+almost never writes answer tags (format rate 0); an assistant prefix of ``<think>`` alone makes it
+stop after ``</think>``.  Two worked examples as earlier chat turns, the assistant turn opened with
+``Let me solve this step by step.\n<think>`` (the QES paper's opening), and answers written as
+``expression = target`` bring the format rate to ~95% and the accuracy on easy problems above zero.
 
 Reward rules (the precise definitions the tests pin):
 
@@ -62,16 +69,21 @@ _TAGS = (_THINK_OPEN, _THINK_CLOSE, _ANSWER_OPEN, _ANSWER_CLOSE)
 
 @dataclass(frozen=True)
 class CountdownConfig:
-    """Difficulty and sizes of a generated Countdown data set (all bounds inclusive)."""
+    """Difficulty and sizes of a generated Countdown data set (all bounds inclusive).
 
-    num_count_min: int = 3
-    num_count_max: int = 4
+    The defaults are the workflow's: 2-3 numbers in 1..10, targets in 1..20, the easiest setting that is
+    still a real task.  The QES paper's setting is ``num_count_min=3, num_count_max=4, number_max=100,
+    target_max=100``.
+    """
+
+    num_count_min: int = 2
+    num_count_max: int = 3
     number_min: int = 1
-    number_max: int = 100
+    number_max: int = 10
     target_min: int = 1
-    target_max: int = 100
+    target_max: int = 20
     train_size: int = 200
-    eval_size: int = 200
+    eval_size: int = 128
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -185,12 +197,15 @@ def _split_of(key: tuple[tuple[int, ...], int], seed: int) -> str:
     return "eval" if _hash_ints(seed, key[1], *key[0]) & 1 else "train"
 
 
-def generate_split(cfg: CountdownConfig, split: str) -> list[Problem]:
+def generate_split(
+    cfg: CountdownConfig, split: str, exclude: frozenset[tuple[tuple[int, ...], int]] = frozenset()
+) -> list[Problem]:
     """The ``split`` ('train' or 'eval') problems of ``cfg``: deterministic, unique keys.
 
     Keys are partitioned between the splits by a hash, so each split depends only on the difficulty,
     the seed and its own size, and train and eval never share a key.  The first ``k`` problems of a
-    split are the same for every size >= k.  The few-shot demonstrations' problems never occur.
+    split are the same for every size >= k.  The few-shot demonstrations' problems never occur, nor do
+    the canonical keys in ``exclude`` (e.g. those of a user-given file for the other split).
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
@@ -209,7 +224,9 @@ def generate_split(cfg: CountdownConfig, split: str) -> list[Problem]:
         numbers, target, solution = _generate_one(cfg, stream, index)
         index += 1
         problem = Problem(f"{split}-{len(out):06d}", numbers, target, solution)
-        if problem.key in seen or problem.key in _RESERVED or _split_of(problem.key, cfg.seed) != split:
+        if problem.key in seen or problem.key in _RESERVED or problem.key in exclude:
+            continue
+        if _split_of(problem.key, cfg.seed) != split:
             continue
         seen.add(problem.key)
         out.append(problem)
@@ -592,7 +609,7 @@ class TaskSettings:
         unknown = sorted(set(values) - gen_keys - top_keys)
         if unknown:
             raise ValueError(f"unknown task setting(s): {', '.join(unknown)}")
-        prompt = dict(values.get("prompt") or {})
+        prompt = {k: v for k, v in (values.get("prompt") or {}).items() if v is not None}  # null: built-in
         unknown = sorted(set(prompt) - {"system", "user_template", "assistant_prefix", "few_shot"})
         if unknown:
             raise ValueError(f"unknown task.prompt setting(s): {', '.join(unknown)}")
@@ -600,6 +617,13 @@ class TaskSettings:
         if not 0 <= few_shot <= len(DEMONSTRATIONS):
             raise ValueError(f"task.prompt.few_shot must lie in [0, {len(DEMONSTRATIONS)}], got {few_shot}")
         style = PromptStyle(**prompt, examples=DEMONSTRATIONS[:few_shot])
+        try:
+            _user_message(style, DEMONSTRATIONS[0].problem)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(
+                "task.prompt.user_template may only use the fields {target}, {numbers} and {numbers_text}"
+                f" ({type(e).__name__}: {e})"
+            ) from None
         name = values.get("name", "countdown")
         if name != "countdown":
             raise ValueError(f"unknown task {name!r} (known: countdown)")
@@ -613,19 +637,24 @@ class TaskSettings:
 
 
 def task_problems(settings: TaskSettings) -> tuple[list[Problem], list[Problem]]:
-    """Train and held-out problems of ``settings`` (generated or from files); checked disjoint."""
+    """Train and held-out problems of ``settings``, checked disjoint.
+
+    A split read from a file is used as given; a generated split skips every problem of the other split's
+    file, so a user-given set never collides with a generated one.
+    """
     gen = settings.generator
-    splits = []
-    for split, file, size in (
-        ("train", settings.train_file, gen.train_size),
-        ("eval", settings.eval_file, gen.eval_size),
-    ):
-        if file:
-            splits.append(load_problems_json(file, split=split, limit=size))
+    files = {"train": settings.train_file, "eval": settings.eval_file}
+    sizes = {"train": gen.train_size, "eval": gen.eval_size}
+    loaded = {split: load_problems_json(f, split=split, limit=sizes[split]) for split, f in files.items() if f}
+    out = {}
+    for split, other in (("train", "eval"), ("eval", "train")):
+        if split in loaded:
+            out[split] = loaded[split]
         else:
-            splits.append(generate_split(gen, split))
-    check_disjoint(splits[0], splits[1])
-    return splits[0], splits[1]
+            exclude = frozenset(p.key for p in loaded.get(other, ()))
+            out[split] = generate_split(gen, split, exclude)
+    check_disjoint(out["train"], out["eval"])
+    return out["train"], out["eval"]
 
 
 def make_task_data(
