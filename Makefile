@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml requirements/torch.txt requirements/pinned.txt requirem
 
 run: setup
 	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --cores $(CORES) --report results/report.html
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

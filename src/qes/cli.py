@@ -95,6 +95,23 @@ def _cmd_codes_sha256(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_task_data(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="model folder whose tokenizer renders the prompts")
+    parser.add_argument("--config", type=Path, default=None, help="YAML file whose `task:` block sets the problems")
+    parser.add_argument("--out", type=Path, default=Path("results/data/countdown"), help="folder for train/eval.parquet")
+
+
+def _cmd_task_data(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from qes.tasks.countdown import TaskSettings, make_task_data
+
+    settings = TaskSettings.from_dict({k: v for k, v in _read_block(args.config, "task").items() if v is not None})
+    tokenizer = AutoTokenizer.from_pretrained(str(args.model))
+    print(json.dumps(make_task_data(settings, tokenizer, args.out / "train.parquet", args.out / "eval.parquet")))
+    return 0
+
+
 def _add_replay(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", type=Path, required=True, help="the base GPTQ checkpoint the run started from")
     parser.add_argument("--log", type=Path, required=True, help="the run's seed log folder (holds run.json, steps/)")
@@ -177,6 +194,7 @@ COMMANDS: dict[str, Command] = {
     "fetch": ("fetch a float model (stage fetch_model)", _add_fetch, _cmd_fetch),
     "quantize": ("GPTQ-quantize a float model (stage quantize)", _add_quantize, _cmd_quantize),
     "codes-sha256": ("print the codes_sha256 identity of a GPTQ checkpoint", _add_codes_sha256, _cmd_codes_sha256),
+    "task-data": ("write train / held-out Countdown problems (stage make_task_data)", _add_task_data, _cmd_task_data),
     "finetune": ("run or resume QES on a quantized checkpoint (stage finetune)", _add_finetune, _cmd_finetune),
     "replay": ("re-derive a tuned checkpoint from its base and seed log (stage replay)", _add_replay, _cmd_replay),
     "evaluate": ("held-out evaluation of base vs tuned (stage evaluate)", _add_evaluate, _cmd_evaluate),
