@@ -98,7 +98,7 @@ def _cmd_codes_sha256(args: argparse.Namespace) -> int:
 def _add_task_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="model folder whose tokenizer renders the prompts")
     parser.add_argument("--config", type=Path, default=None, help="YAML file whose `task:` block sets the problems")
-    parser.add_argument("--out", type=Path, default=Path("results/data/countdown"), help="folder for train/eval.parquet")
+    parser.add_argument("--out", type=Path, default=Path("results/data/countdown"), help="folder for the Parquet files")
 
 
 def _cmd_task_data(args: argparse.Namespace) -> int:
