@@ -177,8 +177,13 @@ def test_plain_transformers_load_kernel_choice(tiny_gptq: object, tmp_path: Path
         qc.quantized_linears(model)
     with torch.no_grad():
         model(torch.tensor([[1, 20, 30]]))
+    # strict=False lists the layers (the engine's stores read the repacked layout), but the GPTQ view
+    # of their codes is refused with a clear message.
+    layers = qc.quantized_linears(model, strict=False)
     with pytest.raises(RuntimeError, match="no longer in GPTQ layout"):
-        qc.quantized_linears(model, strict=False)
+        layers[0].qweight  # noqa: B018
+    with pytest.raises(RuntimeError, match="no longer in GPTQ layout"):
+        qc.codes_sha256(model)
 
 
 def test_load_quantized_rejects_float_folder(tiny_float_dir: Path) -> None:
