@@ -190,9 +190,9 @@ def quantized_linears(model: torch.nn.Module, *, strict: bool = True) -> list[Qu
     """Every GPTQ linear layer of ``model``, sorted by module name.
 
     With ``strict`` (the default) every layer must use a kernel from :data:`LIVE_KERNELS`, so that writes into
-    ``qweight`` reach the forward pass; ``strict=False`` allows other kernels and skips the layout check
-    (``qes.store`` reads ``TorchAtenLinear``'s repacked layout; ``QuantLinear.qweight`` still refuses it), for use as long as
-    their ``qweight`` is still in GPTQ layout.
+    ``qweight`` reach the forward pass. ``strict=False`` allows other kernels and skips the layout check:
+    ``qes.store`` reads ``TorchAtenLinear``'s repacked int4 layout, while ``QuantLinear.qweight`` (and so
+    :func:`codes_sha256`) still refuses a layer that is no longer in GPTQ layout.
     """
     base = _gptq_linear_base()
     layers = []
