@@ -12,6 +12,7 @@ import torch
 from qes.codes import load_quantized
 from qes.fitness import (
     GenerationConfig,
+    common_prefix_length,
     evaluate_heldout,
     generated_lengths,
     make_batch,
@@ -56,12 +57,29 @@ def test_prompt_batch_left_padding(tiny_model):
     batch = _batch(tokenizer)
     lengths = [len(t) for t in batch.token_ids]
     assert len(set(lengths)) > 1, "problems should give prompts of different lengths"
-    for rows, ids, mask in batch.chunks(4):
-        for j, i in enumerate(range(rows.start, rows.stop)):
+    for chunk in batch.chunks(4):
+        assert chunk.prefix_len == 0
+        ids, mask = chunk.input_ids, chunk.attention_mask
+        for j, i in enumerate(range(chunk.rows.start, chunk.rows.stop)):
             n = lengths[i]
             assert ids[j, -n:].tolist() == list(batch.token_ids[i])
             assert mask[j].tolist() == [0] * (ids.shape[1] - n) + [1] * n
             assert (ids[j, : ids.shape[1] - n] == batch.pad_token_id).all()
+
+
+def test_prompt_batch_shared_prefix_layout(tiny_model):
+    _, tokenizer = tiny_model
+    batch = _batch(tokenizer)
+    for chunk in batch.chunks(4, share_prefix=True):
+        rows = batch.token_ids[chunk.rows]
+        p = chunk.prefix_len
+        assert p == common_prefix_length(rows) and p > 100  # system message and worked examples
+        for j, r in enumerate(rows):
+            real = chunk.input_ids[j][chunk.attention_mask[j] == 1].tolist()
+            assert real == list(r)
+            assert chunk.attention_mask[j, :p].all() and chunk.attention_mask[j, -1] == 1
+    assert common_prefix_length([(1, 2, 3), (1, 2, 4)]) == 2
+    assert common_prefix_length([(1, 2), (1, 2, 3)]) == 1  # every row keeps a token of its own
 
 
 def test_score_is_quantized_deterministic_and_batch_independent(tiny_model):
@@ -78,6 +96,8 @@ def test_score_is_quantized_deterministic_and_batch_independent(tiny_model):
     assert again.responses == first.responses
     one_by_one = score(model, batch, GenerationConfig(max_new_tokens=12, batch_size=1))
     assert one_by_one.responses == first.responses, "left padding must not change greedy outputs"
+    unshared = score(model, batch, GenerationConfig(max_new_tokens=12, batch_size=4, share_prefix=False))
+    assert unshared.responses == first.responses, "sharing the prompt prefix must not change greedy outputs"
 
 
 def test_float_model_is_refused(tiny_float_dir):

@@ -3,7 +3,11 @@
 The training loop scores the same prompts with many perturbed models per iteration, so prompts
 are tokenised once into a :class:`PromptBatch` and :func:`score` only generates and rewards.
 Generation is greedy (deterministic), uses the KV cache, pads on the left, stops each row at EOS
-and never runs past ``max_new_tokens``.  :func:`evaluate_heldout` writes the held-out metrics.
+and never runs past ``max_new_tokens``.  The prompts' common leading tokens (system message and
+worked examples, ~80% of a few-shot prompt) are run once per call and their KV cache is shared by
+all rows (``GenerationConfig.share_prefix``): about 2x the throughput of a plain ``generate`` on CPU,
+with the same greedy outputs up to floating-point rounding.  :func:`evaluate_heldout` writes the
+held-out metrics.
 """
 
 from __future__ import annotations
@@ -22,10 +26,18 @@ from qes.tasks.countdown import Problem, RewardRecord, read_task_parquet, reward
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Fixed decoding budget: ``max_new_tokens`` per prompt, ``batch_size`` prompts per call."""
+    """Fixed decoding budget: ``max_new_tokens`` per prompt, ``batch_size`` prompts per call.
+
+    ``share_prefix``: when the prompts of a call start with the same tokens (the system message and the
+    worked examples), run that prefix once and let every row reuse its KV cache, instead of recomputing
+    it per row. Rows are then laid out as ``[prefix | padding | own tokens]`` (position ids follow the
+    attention mask, so every real token keeps its position). Same greedy model function, about half the
+    time for few-shot prompts on CPU.
+    """
 
     max_new_tokens: int = 64
     batch_size: int = 16
+    share_prefix: bool = True
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:
@@ -51,19 +63,48 @@ class PromptBatch:
     def __len__(self) -> int:
         return len(self.problems)
 
-    def chunks(self, batch_size: int) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
-        """Left-padded ``(rows, input_ids, attention_mask)`` per ``batch_size`` prompts."""
+    def chunks(self, batch_size: int, share_prefix: bool = False) -> list[Chunk]:
+        """The prompts in groups of ``batch_size``, padded on the left.
+
+        With ``share_prefix`` each group's common leading tokens (all but at least one token per row) become
+        the chunk's ``prefix`` and the rows hold ``[prefix | padding | rest]``; without it ``prefix`` is
+        empty and the rows are plain left-padded prompts.
+        """
         out = []
         for start in range(0, len(self), batch_size):
             rows = self.token_ids[start : start + batch_size]
-            width = max(len(r) for r in rows)
-            ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            shared = common_prefix_length(rows) if share_prefix else 0
+            width = max(len(r) for r in rows) - shared
+            ids = torch.full((len(rows), shared + width), self.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), shared + width), dtype=torch.long)
             for j, r in enumerate(rows):
-                ids[j, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-                mask[j, width - len(r) :] = 1
-            out.append((slice(start, start + len(rows)), ids, mask))
+                ids[j, :shared] = torch.tensor(r[:shared], dtype=torch.long)
+                mask[j, :shared] = 1
+                rest = len(r) - shared
+                ids[j, shared + width - rest :] = torch.tensor(r[shared:], dtype=torch.long)
+                mask[j, shared + width - rest :] = 1
+            out.append(Chunk(slice(start, start + len(rows)), ids, mask, shared))
         return out
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One generate call: ``rows`` of the batch, their ids and mask, and the shared prefix length."""
+
+    rows: slice
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prefix_len: int
+
+
+def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """Leading tokens shared by all rows, leaving at least one token of every row outside the prefix."""
+    limit = min(len(r) for r in rows) - 1
+    n = 0
+    first = rows[0]
+    while n < limit and all(r[n] == first[n] for r in rows):
+        n += 1
+    return n
 
 
 def make_batch(
@@ -122,6 +163,17 @@ def generated_lengths(new_tokens: torch.Tensor, eos_token_id: int) -> list[int]:
     return [int(n) for n in first]
 
 
+MIN_SHARED_PREFIX = 8  # shorter common prefixes are not worth a separate forward pass
+
+
+def _prefix_cache(model: Any, chunk: Chunk, device: torch.device) -> Any:
+    """KV cache of the chunk's shared prefix, computed once and repeated for every row."""
+    prefix = chunk.input_ids[:1, : chunk.prefix_len].to(device)
+    cache = model(input_ids=prefix, use_cache=True).past_key_values
+    cache.batch_repeat_interleave(chunk.input_ids.shape[0])
+    return cache
+
+
 @torch.inference_mode()
 def generate(model: Any, batch: PromptBatch, cfg: GenerationConfig) -> tuple[list[str], int]:
     """Greedy responses for every prompt of ``batch`` and the number of generated tokens."""
@@ -129,8 +181,14 @@ def generate(model: Any, batch: PromptBatch, cfg: GenerationConfig) -> tuple[lis
     device = next(model.parameters()).device
     responses: list[str] = []
     total = 0
-    for _, ids, mask in batch.chunks(cfg.batch_size):
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
+    for chunk in batch.chunks(cfg.batch_size, share_prefix=cfg.share_prefix):
+        ids = chunk.input_ids.to(device)
+        kwargs = {}
+        if chunk.prefix_len >= MIN_SHARED_PREFIX:
+            kwargs["past_key_values"] = _prefix_cache(model, chunk, device)
+        out = model.generate(
+            input_ids=ids, attention_mask=chunk.attention_mask.to(device), generation_config=gen_cfg, **kwargs
+        )
         new = out[:, ids.shape[1] :].cpu()
         lengths = generated_lengths(new, batch.eos_token_id)
         total += sum(lengths)
