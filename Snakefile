@@ -31,6 +31,7 @@ include: "rules/fetch.smk"
 include: "rules/quantize.smk"
 include: "rules/task.smk"
 include: "rules/finetune.smk"
+include: "rules/experiments.smk"
 
 
 rule all:

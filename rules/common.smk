@@ -76,3 +76,36 @@ def run_name():
 def seed_log_dir(run):
     """Folder of a run's seed log: the run's only state, never a declared output."""
     return f"results/runs/{run}"
+
+
+def finetune_gpus():
+    """GPUs the finetune job asks for: one per rank when the config asks for CUDA, else none."""
+    return config["finetune"]["ranks"] if config["finetune"]["device"] == "cuda" else 0
+
+
+def finetune_mpi():
+    """The launcher as the SLURM executor's `mpi` resource when ranks are started by srun, else unset.
+
+    With it, the executor gives the job one task per rank and leaves starting them to the job itself.
+    """
+    ranks, launcher = config["finetune"]["ranks"], config["finetune"]["launcher"]
+    return "srun" if ranks > 1 and launcher == "srun" else None
+
+
+def experiment_settings():
+    """The config's experiments block as a qes.experiments.ExperimentConfig."""
+    from qes.experiments import ExperimentConfig
+
+    return ExperimentConfig.from_dict(config["experiments"])
+
+
+def finetune_settings(run):
+    """Finetune settings of a run: experiment (exp-*) and sweep (sweep-*) runs derive theirs from the config."""
+    from qes.experiments import finetune_block
+
+    return finetune_block(run, config["finetune"], experiment_settings())
+
+
+def experiment_runs(kind="runs"):
+    """Run names of the comparison (kind='runs') or of the step-size sweep (kind='sweep_runs')."""
+    return getattr(experiment_settings(), kind)()

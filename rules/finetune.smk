@@ -22,9 +22,11 @@ rule finetune:
     resources:
         mem_mb=8000,
         runtime=240,
-        gpu=lambda wildcards: 1 if config["finetune"]["device"] == "cuda" else 0,
+        gpu=lambda wildcards: finetune_gpus(),
+        tasks=lambda wildcards: config["finetune"]["ranks"],
+        mpi=lambda wildcards: finetune_mpi(),
     params:
-        finetune=lambda wildcards: config["finetune"],
+        finetune=lambda wildcards: finetune_settings(wildcards.run),
         seed_log=lambda wildcards: seed_log_dir(wildcards.run),
     script:
         "../scripts/finetune.py"

@@ -5,13 +5,19 @@ import json
 import torch
 
 from qes.logutil import log_to
-from qes.train import finetune, finetune_config
+from qes.train import run_finetune
 
 with log_to(snakemake.log[0]) as log:
     torch.set_num_threads(snakemake.threads)
-    cfg = finetune_config(snakemake.params.finetune)
-    log.info("finetune settings: %s", cfg)
-    summary = finetune(snakemake.input.model, snakemake.input.train, snakemake.params.seed_log, cfg)
+    block = snakemake.params.finetune
+    log.info("finetune settings: %s", block)
+    summary = run_finetune(
+        snakemake.input.model,
+        snakemake.input.train,
+        snakemake.params.seed_log,
+        block,
+        threads=snakemake.threads,
+    )
     metrics = f"{snakemake.params.seed_log}/metrics.parquet"
     with open(metrics, "rb") as src, open(snakemake.output.metrics, "wb") as dst:
         dst.write(src.read())

@@ -1,13 +1,16 @@
 """Run QES with a synthetic fitness on a GPTQ checkpoint: `python _synthetic_run.py BASE RUN_DIR`.
 
-Used by the crash/resume tests as a real, separately killed process; prints the final codes_sha256.
+Used by the crash/resume tests as a real, separately killed process, and by the rank tests under
+torchrun (it then joins the process group); prints the final codes_sha256.
 """
 
+import os
 import sys
 
 import torch
 
 from qes.codes import load_quantized, quantized_linears
+from qes.dist import close_ranks, init_ranks
 from qes.train import TrainConfig, train
 from qes.update import UpdateConfig
 
@@ -24,7 +27,9 @@ CFG = TrainConfig(
 
 
 def main() -> None:
-    model, _ = load_quantized(sys.argv[1])
+    torch.set_num_threads(1)  # the same float reductions in every process, however many ranks
+    ranks = init_ranks("cpu")
+    model, _ = load_quantized(sys.argv[1], kernel=os.environ.get("QES_TEST_KERNEL", "live"))
 
     def fitness(t: int) -> float:
         with torch.no_grad():
@@ -32,7 +37,10 @@ def main() -> None:
         logp = torch.log_softmax(logits[0, :-1], -1).gather(1, PROMPT[0, 1:, None])
         return float(logp.mean())
 
-    print(train(model, quantized_linears(model), fitness, CFG, sys.argv[2]))
+    final = train(model, quantized_linears(model, strict=False), fitness, CFG, sys.argv[2], ranks=ranks)
+    close_ranks(ranks)
+    if ranks.is_writer:
+        print(final)
 
 
 if __name__ == "__main__":

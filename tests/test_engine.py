@@ -157,6 +157,20 @@ def test_replay_window_equals_stored_without_boundaries(tiny_gptq) -> None:
     assert len(set(stored)) == 6  # every step moved some code
 
 
+def test_steps_without_coefficients(tiny_gptq) -> None:
+    """A step whose rewards were all equal has no coefficient: it moves nothing, in the window or last."""
+    steps = _steps(5, alpha_over_sigma=0.3)
+    idle = [Step(t, s.alpha_fp, s.seeds, s.signs, (0,) * len(s.coefs)) for t, s in enumerate(steps)]
+    mixed = [steps[0], idle[1], steps[2], idle[3], idle[4]]
+    for mode in ("replay", "stored", "none"):
+        config = UpdateConfig(mode=mode, gamma=0.9, window=3)
+        hashes = _run(tiny_gptq, config, mixed, clamp=(6, 9))
+        assert hashes[1] == hashes[0] and hashes[0] != hashes[2], mode
+    replay = _run(tiny_gptq, UpdateConfig(mode="replay", gamma=0.9, window=5), mixed, clamp=(6, 9))
+    stored = _run(tiny_gptq, UpdateConfig(mode="stored", gamma=0.9), mixed, clamp=(6, 9))
+    assert replay == stored
+
+
 def test_gamma_zero_is_the_baseline(tiny_gptq) -> None:
     steps = _steps(4)
     baseline = _run(tiny_gptq, UpdateConfig(mode="none"), steps)

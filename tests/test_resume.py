@@ -13,8 +13,9 @@ import pytest
 HERE = Path(__file__).parent
 
 
-def _run(base: Path, run_dir: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+def _run(base: Path, run_dir: Path, fault: str | None = None, kernel: str = "live") -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "QES_FAULT"}
+    env["QES_TEST_KERNEL"] = kernel
     if fault:
         env["QES_FAULT"] = fault
     return subprocess.run(
@@ -50,6 +51,23 @@ def test_kill_and_resume_is_exact(tiny_gptq, tmp_path, reference, fault: str) ->
     assert (f".tmp-it-{iteration:08d}.parquet" in steps) == fault.startswith("append"), steps
     assert not (run_dir / "final.json").exists()
     resumed = _run(tiny_gptq(4), run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.strip().splitlines()[-1] == final
+    assert _log_files(run_dir) == files
+
+
+def test_resume_with_the_fast_kernel(tiny_gptq, tmp_path: Path) -> None:
+    """Training loads the int4pack kernel; a resumed run replays onto that layout to the same result.
+
+    (Its float logits differ from the live kernel's, so the reference is an uninterrupted fast-kernel run.)
+    """
+    uninterrupted = _run(tiny_gptq(4), tmp_path / "reference", kernel="fast")
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    final, files = uninterrupted.stdout.strip().splitlines()[-1], _log_files(tmp_path / "reference")
+    run_dir = tmp_path / "run"
+    killed = _run(tiny_gptq(4), run_dir, "update:3", kernel="fast")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = _run(tiny_gptq(4), run_dir, kernel="fast")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.strip().splitlines()[-1] == final
     assert _log_files(run_dir) == files

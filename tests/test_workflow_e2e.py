@@ -6,20 +6,16 @@ Runs in a temporary copy of the workflow files, so the checkout's results/ is ne
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _workflow import copy_workflow, failure_report, snakemake
 
 from qes.fetch import BUNDLED
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ("Snakefile", "rules", "scripts", "envs", "config", "workflow", "profiles")
 MODEL = "smollm2-135m-instruct"
 QUANTIZED = f"results/quantized/{MODEL}-w4g64"
 
@@ -33,31 +29,15 @@ MAX_RELATIVE_ERROR = 0.15
 
 
 def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--cores", "2", *args],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=1500,
-    )
-    return result
+    return snakemake(workdir, "--cores", "2", *args)
 
 
 @pytest.fixture(scope="module")
 def workflow_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    workdir = tmp_path_factory.mktemp("workflow")
-    for name in WORKFLOW_FILES:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, workdir / name)
-        else:
-            shutil.copy2(source, workdir / name)
+    workdir = copy_workflow(tmp_path_factory.mktemp("workflow"))
     result = _snakemake(workdir, QUANTIZED)
     if result.returncode != 0:
-        logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").rglob("*.log")))
-        pytest.fail(f"snakemake failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}\n{logs}")
+        pytest.fail(failure_report(workdir, result))
     return workdir
 
 
@@ -126,8 +106,7 @@ def pipeline_run(workflow_run: Path) -> Path:
     """The whole chain (task data, finetune, replay, evaluate, export) on a tiny budget, after the above."""
     result = _snakemake(workflow_run, *PIPELINE_CONFIG)
     if result.returncode != 0:
-        logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((workflow_run / "logs").rglob("*.log")))
-        pytest.fail(f"snakemake failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}\n{logs}")
+        pytest.fail(failure_report(workflow_run, result))
     return workflow_run
 
 

@@ -141,13 +141,16 @@ def _add_finetune(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", type=Path, required=True, help="training problems (train.parquet of the task stage)")
     parser.add_argument("--run-dir", type=Path, required=True, help="seed log folder; an existing one is resumed")
     parser.add_argument("--config", type=Path, default=None, help="YAML file whose `finetune:` block sets the run")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads in all (default: all cores)")
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from qes.train import finetune, finetune_config
+    import os
 
-    cfg = finetune_config(_read_block(args.config, "finetune"))
-    summary = finetune(args.model, args.train, args.run_dir, cfg)
+    from qes.train import run_finetune
+
+    threads = args.threads or os.cpu_count() or 1
+    summary = run_finetune(args.model, args.train, args.run_dir, _read_block(args.config, "finetune"), threads)
     print(json.dumps(summary))
     return 0
 

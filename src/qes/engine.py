@@ -9,13 +9,15 @@
 - `apply(step)` performs the fixed-point error-feedback update of qes.update.
 
 Layers are processed in chunks of about `chunk_codes` codes (whole layers, sorted by name), so the
-extra memory at any moment is a chunk's worth of noise and, in `stored` mode, the int16 residual.
+extra memory at any moment is a chunk's worth of noise and either the int16 residual (`stored` mode)
+or, during a `replay` update, about 9 bytes of scratch per code of one chunk.
 Training and replay call the very same `apply`, which is what makes replay exact.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 from collections import deque
 from contextlib import contextmanager
@@ -51,14 +53,17 @@ class _Chunk:
 
 @contextmanager
 def _integer_threads():
-    """Run the engine's integer work on one CPU thread.
+    """Run the engine's integer work on QES_INTEGER_THREADS CPU threads if set, else on torch's setting.
 
-    Its tensors are small-to-medium and its ops many: on CPU the OpenMP fork/join of every op costs
-    more than it saves, and on a busy machine a 2-thread barrier can cost milliseconds per op (seen:
-    a 35x slower update). Generation, which does the heavy matrix work, keeps all threads.
+    The results never depend on it (integer adds are exact in any order). On a machine shared with
+    other busy processes, set QES_INTEGER_THREADS=1: there an OpenMP barrier per op can cost
+    milliseconds (seen: a 35x slower update with 2 threads on 2 busy cores); on a quiet machine all
+    threads are faster (seen: replay update 10.4 s with 1 thread, 6.2 s with 2).
     """
+    wanted = os.environ.get("QES_INTEGER_THREADS")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if wanted:
+        torch.set_num_threads(max(1, int(wanted)))
     try:
         yield
     finally:
@@ -235,52 +240,55 @@ class Engine:
         return self._decay
 
     def _apply_replay(self, chunk: _Chunk, step: Step) -> tuple[int, int]:
+        """Rebuild the residual from the window's logged steps (zero before it), then apply `step`.
+
+        Works on dense scratch arrays of the chunk's size that live only during this call (about
+        9 bytes per code: g, residual, last touch, support mask), so no step needs a sort: a step's
+        support is read off the mask in index order, and each step touches its own support only,
+        its g summed there before its own rounding, exactly as `_gradient`.
+        """
         window = [*self.history, step]
-        parts = []
-        for s in window:
+        n, device = chunk.size, chunk.table.offsets.device
+        half = 1 << (RESIDUAL_BITS - 1)
+        decay = self._decay_table(len(window), device)
+        residual = torch.zeros(n, dtype=torch.int16, device=device)  # |e| <= 2^13: int16 holds it
+        touched = torch.zeros(n, dtype=torch.int16 if len(window) < 1 << 15 else torch.int32, device=device)
+        mask = torch.zeros(n, dtype=torch.bool, device=device)
+        g = None
+        support = torch.empty(0, dtype=torch.int64, device=device)
+        applied = d = inside = support
+        for j, s in enumerate(window, start=1):
             pairs = s.seed_coefficients()
             noise = [table_noise(self.noise, seed, chunk.table) for seed, _ in pairs]
             largest = max((int(v.abs().max()) for _, v in noise if v.numel()), default=1)
-            check_range(sum(abs(c) for _, c in pairs), largest, s.alpha_fp)
-            parts.append([(i, v * c) for (i, v), (_, c) in zip(noise, pairs)])
-        flat = [i for step_parts in parts for i, _ in step_parts]
-        if not sum(i.numel() for i in flat):
-            return 0, 0
-        # One sort maps every entry of the window onto the union of supports; each step then touches
-        # its own support only, its g summed there before its own rounding, exactly as `_gradient`.
-        support, inverse = torch.unique(torch.cat(flat), return_inverse=True)
-        device = support.device
-        half = 1 << (RESIDUAL_BITS - 1)
-        decay = self._decay_table(len(window), device)
-        residual = torch.zeros(support.numel(), dtype=torch.int64, device=device)
-        touched = torch.zeros(support.numel(), dtype=torch.int64, device=device)
-        g = torch.zeros(support.numel(), dtype=torch.int64, device=device)
-        start = 0
-        for j, (s, step_parts) in enumerate(zip(window, parts), start=1):
-            count = sum(i.numel() for i, _ in step_parts)
-            where = inverse[start : start + count]
-            start += count
-            g.index_add_(0, where, torch.cat([c for _, c in step_parts]))
-            u = gradient_part(g[where], s.alpha_fp)
-            g[where] = 0
+            coef_sum = sum(abs(c) for _, c in pairs)
+            check_range(coef_sum, largest, s.alpha_fp)
+            bound = coef_sum * largest
+            # g = sum C_i delta_i is exact in int32 whenever sum |C_i| * max |delta| fits, as it does at
+            # any sane setting; int64 otherwise. Either way the products below are taken in int64.
+            dtype = torch.int32 if bound < 1 << 31 else torch.int64
+            if g is None or (g.dtype == torch.int32 and dtype == torch.int64):
+                g = torch.zeros(n, dtype=dtype, device=device)
+            for (index, values), (_, coef) in zip(noise, pairs):
+                g.index_add_(0, index, (values * coef).to(g.dtype))
+                mask[index] = True
+            support = torch.nonzero(mask).squeeze(1)
+            if not support.numel():
+                continue
+            mask[support] = False
+            u = gradient_part(g[support].long(), s.alpha_fp)
+            g[support] = 0
             # decay[j - touched] applied to the stored residual gives the residual before this step,
             # already decayed once for this step: the rsr(G * e) term of the update.
-            decayed = decay[j - touched[where], residual[where] + half]
-            codes = chunk.arena.gather(support[where])
+            decayed = decay[(j - touched[support]).long(), residual[support].long() + half]
+            codes = chunk.arena.gather(support)
             d = rsr(u + decayed, RESIDUAL_BITS)
             inside = (codes + d >= 0) & (codes + d <= chunk.arena.max_code)
             applied = torch.where(inside, d, torch.zeros_like(d))
-            new = torch.where(inside, u + decayed - (applied << RESIDUAL_BITS), torch.zeros_like(d))
-            residual[where] = new  # duplicates (several seeds on one code) carry identical values
-            touched[where] = j
+            residual[support] = torch.where(inside, u + decayed - (applied << RESIDUAL_BITS), 0).to(torch.int16)
+            touched[support] = j
+        if not support.numel():
+            return 0, 0
         moved = applied != 0
-        # Entries of one code repeat in `where`; apply each code once.
-        first = torch.zeros(support.numel(), dtype=torch.bool, device=device)
-        first[where[moved]] = True
-        positions = torch.nonzero(first).squeeze(1)
-        final = torch.zeros(support.numel(), dtype=torch.int64, device=device)
-        final[where] = applied
-        chunk.arena.add(support[positions], final[positions])
-        dropped = torch.zeros(support.numel(), dtype=torch.bool, device=device)
-        dropped[where] = (d != 0) & ~inside
-        return int(positions.numel()), int(dropped.sum())
+        chunk.arena.add(support[moved], applied[moved])
+        return int(moved.sum()), int(((d != 0) & ~inside).sum())

@@ -3,7 +3,8 @@
 Setting QES_FAULT="<point>:<iteration>" makes the process kill itself with SIGKILL (as `kill -9` would)
 when it reaches that point of that iteration: `fitness` (a member is perturbed and being scored),
 `update` (the codes were updated in memory, the step is not logged yet) or `append` (the step's file is
-written under its temporary name, not yet renamed). Unset, it costs one dictionary lookup.
+written under its temporary name, not yet renamed). A suffix "@<rank>" limits it to one rank of a
+multi-rank run ("fitness:2@1"). Unset, it costs one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -13,5 +14,12 @@ import signal
 
 
 def fault_point(point: str, iteration: int) -> None:
-    if os.environ.get("QES_FAULT") == f"{point}:{iteration}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    fault = os.environ.get("QES_FAULT")
+    if fault is None:
+        return
+    where, _, rank = fault.partition("@")
+    if where != f"{point}:{iteration}":
+        return
+    if rank and rank != os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")):
+        return
+    os.kill(os.getpid(), signal.SIGKILL)

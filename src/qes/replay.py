@@ -30,8 +30,12 @@ def layer_manifest(layers: list[QuantLinear]) -> list[dict]:
 
 
 def engine_for_log(model: torch.nn.Module, seedlog: SeedLog) -> Engine:
-    """An engine over `model` configured from the log, after checking layers and base hash."""
-    layers = quantized_linears(model)
+    """An engine over `model` configured from the log, after checking layers and base hash.
+
+    Any GPTQ kernel will do (the engine fixes each layer's layout itself), so a model loaded with
+    load_quantized(kernel="fast") for training resumes as well as a live one.
+    """
+    layers = quantized_linears(model, strict=False)
     found = layer_manifest(layers)
     if found != seedlog.meta["layers"]:
         have = {x["name"]: x for x in found}

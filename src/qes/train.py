@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from qes import __version__
 from qes.codes import QuantLinear, codes_sha256
+from qes.dist import Ranks
 from qes.engine import Engine
 from qes.faults import fault_point
 from qes.noise import NoiseSpec, member_seeds
@@ -164,14 +165,22 @@ def train(
     run_dir: str | Path,
     extra_meta: dict | None = None,
     on_iteration: Callable[[dict], None] | None = None,
+    ranks: Ranks | None = None,
 ) -> str:
     """Run (or resume) QES on `model` in place; returns the final codes_sha256.
 
-    `fitness(t)` scores the model as it currently is on iteration t's prompt batch.
+    `fitness(t)` scores the model as it currently is on iteration t's prompt batch. With several
+    `ranks`, each scores its share of the members and rank 0 alone writes the log and metrics.
     """
     run_dir = Path(run_dir)
-    seedlog = open_or_create(run_dir, cfg, layers, extra_meta or {})
-    seedlog.clean_partial()
+    ranks = ranks or Ranks()
+    if ranks.is_writer:
+        seedlog = open_or_create(run_dir, cfg, layers, extra_meta or {})
+        seedlog.clean_partial()
+    ranks.barrier()
+    if not ranks.is_writer:
+        seedlog = SeedLog.open(run_dir)
+        seedlog.verify_base(codes_sha256(layers))
     done = seedlog.iterations
     engine = engine_for_log(model, seedlog) if done else Engine(layers, seedlog.noise, seedlog.update)
     if done:
@@ -188,18 +197,21 @@ def train(
         t0 = time.perf_counter()
         seeds = member_seeds(cfg.global_seed, t, pairs)
         members = [(s, sign) for s in seeds for sign in (1, -1)]
-        rewards, t_fit, t_pert, hits = [], 0.0, 0.0, 0
-        for seed, sign in members:
+        mine, t_fit, t_pert, hits = {}, 0.0, 0.0, 0
+        for index in ranks.members(len(members)):
             a = time.perf_counter()
-            p = engine.perturb(seed, sign)
+            p = engine.perturb(*members[index])
             b = time.perf_counter()
             fault_point("fitness", t)
-            rewards.append(float(fitness(t)))
+            mine[index] = float(fitness(t))
             c = time.perf_counter()
             engine.restore(p)
             t_pert += (b - a) + (time.perf_counter() - c)
             t_fit += c - b
             hits += p.boundary_hits
+        a = time.perf_counter()
+        rewards = ranks.gather_rewards(mine, len(members))
+        t_wait = time.perf_counter() - a
         coefs = quantize_coefficients(shape_rewards(rewards, cfg.shaping, cfg.coef_clip))
         step = Step(
             iteration=t,
@@ -214,6 +226,10 @@ def train(
         t_update = time.perf_counter() - a
         last = t == cfg.iterations - 1
         checkpoint = engine.codes_sha256() if last or (t + 1) % cfg.checkpoint_every == 0 else None
+        if checkpoint is not None:
+            ranks.check_same(checkpoint, t)
+        if not ranks.is_writer:
+            continue
         seedlog.append(LoggedStep(step, tuple(rewards), checkpoint))
         row = {
             "iteration": t,
@@ -228,6 +244,8 @@ def train(
             "seconds_fitness": t_fit,
             "seconds_perturb_restore": t_pert,
             "seconds_update": t_update,
+            "seconds_rank_wait": t_wait,
+            "ranks": ranks.world,
             "seconds_total": time.perf_counter() - t0,
         }
         metrics.add(row)
@@ -240,7 +258,9 @@ def train(
         if on_iteration is not None:
             on_iteration(row)
     final = engine.codes_sha256()
-    seedlog.finish(cfg.iterations, final)
+    ranks.check_same(final, cfg.iterations)
+    if ranks.is_writer:
+        seedlog.finish(cfg.iterations, final)
     return final
 
 
@@ -255,6 +275,14 @@ class FinetuneConfig:
     batch_prompts: int = 16
     max_new_tokens: int = 64
     device: str = "auto"
+    ranks: int = 1
+    launcher: str = "torchrun"
+
+    def __post_init__(self) -> None:
+        if self.ranks < 1 or self.ranks > self.train.population:
+            raise ValueError(f"finetune.ranks must be in [1, population={self.train.population}], got {self.ranks}")
+        if self.launcher not in ("torchrun", "srun"):
+            raise ValueError(f"finetune.launcher must be 'torchrun' or 'srun', got {self.launcher!r}")
 
 
 def prompt_indices(global_seed: int, iteration: int, total: int, count: int) -> list[int]:
@@ -287,9 +315,11 @@ def finetune(
 ) -> dict:
     """Run (or resume) QES on a quantized checkpoint with the task's training prompts."""
     from qes.codes import load_quantized, quantized_linears
+    from qes.dist import close_ranks, init_ranks
     from qes.fitness import GenerationConfig, load_batch, score
 
     device = resolve_device(cfg.device)
+    ranks = init_ranks(device)
     model, tokenizer = load_quantized(quantized_dir, device=device, kernel="fast")
     full = load_batch(tokenizer, train_parquet)
     generation = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_prompts)
@@ -316,15 +346,57 @@ def finetune(
         "max_new_tokens": cfg.max_new_tokens,
     }
     layers = quantized_linears(model, strict=False)
-    final = train(model, layers, fitness, cfg.train, run_dir, extra, on_iteration)
+    try:
+        final = train(model, layers, fitness, cfg.train, run_dir, extra, on_iteration, ranks)
+    finally:
+        close_ranks(ranks)
+    return _summary(run_dir, final, cfg, device, time.perf_counter() - started)
+
+
+def _summary(run_dir: str | Path, final: str, cfg: FinetuneConfig, device: str, seconds: float) -> dict:
     return {
         "run_dir": str(run_dir),
         "codes_sha256": final,
         "base_codes_sha256": SeedLog.open(run_dir).meta["base_codes_sha256"],
         "iterations": cfg.train.iterations,
         "device": device,
-        "seconds": round(time.perf_counter() - started, 2),
+        "ranks": cfg.ranks,
+        "seconds": round(seconds, 2),
     }
+
+
+def run_finetune(
+    quantized_dir: str | Path,
+    train_parquet: str | Path,
+    run_dir: str | Path,
+    block: dict,
+    threads: int = 1,
+) -> dict:
+    """The finetune stage from the config's `finetune:` block: in this process, or as `ranks` ranks.
+
+    With ranks > 1 (and not already one of them), starts `qes finetune` under the configured launcher
+    with the same block and waits for it; the seed log then holds the result.
+    """
+    import tempfile
+
+    import yaml
+
+    from qes.dist import launch, launched_world
+
+    cfg = finetune_config(block)
+    if cfg.ranks == 1 or launched_world() is not None:
+        return finetune(quantized_dir, train_parquet, run_dir, cfg)
+    started = time.perf_counter()
+    Path(run_dir).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".qes-launch-", dir=Path(run_dir).parent) as tmp:
+        config = Path(tmp) / "finetune.yaml"
+        config.write_text(yaml.safe_dump({"finetune": dict(block)}))
+        args = ["finetune", "--model", str(quantized_dir), "--train", str(train_parquet), "--run-dir", str(run_dir)]
+        launch(cfg.ranks, cfg.launcher, [*args, "--config", str(config)], threads)
+    finished = SeedLog.open(run_dir).finished
+    if finished is None:
+        raise RuntimeError(f"the ranks exited without finishing the run in {run_dir}")
+    return _summary(run_dir, finished["codes_sha256"], cfg, resolve_device(cfg.device), time.perf_counter() - started)
 
 
 def finetune_config(values: dict) -> FinetuneConfig:
@@ -333,7 +405,8 @@ def finetune_config(values: dict) -> FinetuneConfig:
     residual = dict(values.pop("residual", {}))
     if "clamp" in residual:
         residual["residual_clamp"] = residual.pop("clamp")
-    outer = {k: values.pop(k) for k in ("batch_prompts", "max_new_tokens", "device") if k in values}
+    stage_keys = ("batch_prompts", "max_new_tokens", "device", "ranks", "launcher")
+    outer = {k: values.pop(k) for k in stage_keys if k in values}
     values.pop("run", None)
     unknown = set(values) - set(TrainConfig.__dataclass_fields__)
     if unknown:

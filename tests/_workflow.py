@@ -1,0 +1,39 @@
+"""Helpers for tests that run Snakemake on a temporary copy of the workflow (the checkout's results/ stay untouched)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW_FILES = ("Snakefile", "rules", "scripts", "envs", "config", "workflow", "profiles")
+
+
+def copy_workflow(workdir: Path) -> Path:
+    """Copy the workflow's files (not its results) into `workdir`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name in WORKFLOW_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, workdir / name)
+        else:
+            shutil.copy2(source, workdir / name)
+    return workdir
+
+
+def snakemake(workdir: Path, *args: str, env: dict[str, str] | None = None, timeout: int = 1500):
+    """Run `snakemake <args>` in `workdir` with this interpreter; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", *args],
+        cwd=workdir, capture_output=True, text=True, env=full_env, timeout=timeout,
+    )
+
+
+def failure_report(workdir: Path, result: subprocess.CompletedProcess) -> str:
+    """Snakemake's output and the tail of every rule log, for an assertion message."""
+    logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").rglob("*.log")))
+    return f"snakemake failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}\n{logs}"
