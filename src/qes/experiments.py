@@ -35,10 +35,10 @@ class ExperimentConfig:
 
     methods: tuple[str, ...] = ("quzo", "stored", "replay")
     seeds: tuple[int, ...] = (0, 1, 2)
-    iterations: int = 10
+    iterations: int = 8
     batch_prompts: int = 8
-    sigma: float = 0.02
-    alpha: float = 0.008
+    sigma: float = 0.01
+    alpha: float = 0.003
     eval_limit: int | None = 64
     sweep: tuple[tuple[float, float], ...] = ()
     sweep_iterations: int = 6
