@@ -57,7 +57,7 @@ def test_dry_run_with_conda_plans_every_rule(workdir: Path, tmp_path: Path) -> N
     experiments = snakemake(workdir, "-n", "--use-conda", "--cores", "2", "experiments", env=env)
     assert experiments.returncode == 0, experiments.stderr[-3000:]
     planned = set(re.findall(r"^rule (\w+):", experiments.stdout + experiments.stderr, flags=re.M))
-    assert EXPERIMENT_RULES <= planned
+    assert planned >= EXPERIMENT_RULES
     listed = snakemake(workdir, "--list-conda-envs", "--use-conda", "--cores", "1", env=env)
     assert listed.returncode == 0 and "envs/qes.yaml" in listed.stdout
 
