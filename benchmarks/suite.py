@@ -36,8 +36,8 @@ sys.path.insert(0, str(HERE))
 
 P = 8
 WINDOW = 10
-SIGMA = 0.02
-ALPHA = 0.008
+SIGMA = 0.01  # the default config's step sizes
+ALPHA = 0.003
 
 
 def median_time(fn, repeats: int) -> float:
@@ -150,7 +150,7 @@ if kind == "inference":
     for _ in range(2):
         score(model, prompts, GenerationConfig(max_new_tokens=tokens, batch_size=batch))
 else:
-    block = {"iterations": 3, "population": 4, "sigma": 0.02, "alpha": 0.008, "batch_prompts": batch,
+    block = {"iterations": 3, "population": 4, "sigma": 0.01, "alpha": 0.003, "batch_prompts": batch,
              "max_new_tokens": tokens, "residual": {"mode": kind, "window": 10}}
     with tempfile.TemporaryDirectory() as tmp:
         finetune(model_dir, train, tmp + "/run", finetune_config(block))
@@ -240,8 +240,8 @@ def scaling(repeats: int, sizes: list[int]) -> str:
     from qes.noise import NoiseSpec
 
     fixed_nnz = NoiseSpec.from_sigma(SIGMA).density * sizes[0]
-    lines = ["| codes | sigma | non-zeros per seed | perturb + restore | update, replay (K = 10) | update, stored |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| series | codes | sigma | non-zeros per seed | perturb + restore | update, replay (K = 10) "
+             "| update, stored |", "|---|---|---|---|---|---|---|"]
     for label, codes_list in (("fixed sigma", sizes), ("fixed non-zeros", sizes)):
         for codes in codes_list:
             sigma = SIGMA if label == "fixed sigma" else sigma_for_density(fixed_nnz / codes)
@@ -251,8 +251,8 @@ def scaling(repeats: int, sizes: list[int]) -> str:
             pert = perturb_restore_seconds(layers, sigma, repeats)
             replay = update_seconds(layers, "replay", sigma, repeats)
             stored = update_seconds(layers, "stored", sigma, repeats)
-            lines.append(f"| {n / 1e6:.0f} M | {sigma:.4f} | {nnz / 1e6:.2f} M | {pert:.3f} s | {replay:.2f} s | "
-                         f"{stored:.2f} s |")
+            lines.append(f"| {label} | {n / 1e6:.0f} M | {sigma:.4f} | {nnz / 1e6:.2f} M | {pert:.3f} s "
+                         f"| {replay:.2f} s | {stored:.2f} s |")
     return "\n".join(lines)
 
 
