@@ -33,35 +33,14 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from bench_engine import make_step, median_seconds  # noqa: E402  (the same synthetic step and timer)
+
+median_time = median_seconds
 
 P = 8
 WINDOW = 10
 SIGMA = 0.01  # the default config's step sizes
 ALPHA = 0.003
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def make_step(t: int, population: int, sigma: float, alpha: float):
-    from qes.noise import member_seeds
-    from qes.update import Step, alpha_fixed_point, quantize_coefficients
-
-    seeds = member_seeds(4321, t, population // 2)
-    values = [((i * 7 + t) % 11 - 5) / 3 for i in range(population)]
-    return Step(
-        iteration=t,
-        alpha_fp=alpha_fixed_point(alpha, sigma),
-        seeds=tuple(s for s in seeds for _ in (1, -1)),
-        signs=tuple(sign for _ in seeds for sign in (1, -1)),
-        coefs=quantize_coefficients(values),
-    )
 
 
 def update_seconds(layers, mode: str, sigma: float, repeats: int) -> float:
