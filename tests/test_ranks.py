@@ -112,8 +112,8 @@ def test_launch_commands() -> None:
     command, env = launch_command(2, "torchrun", ["finetune", "--run-dir", "x"], threads=4)
     assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     assert command[-5:] == ["qes.cli", "-v", "finetune", "--run-dir", "x"] and env["OMP_NUM_THREADS"] == "2"
-    command, env = launch_command(3, "srun", ["finetune"], threads=6)
-    assert command[:4] == ["srun", "--ntasks=3", "--cpus-per-task=2", "--kill-on-bad-exit=1"]
+    command, env = launch_command(3, "srun", ["finetune"], threads=6)  # srun: threads per task
+    assert command[:4] == ["srun", "--ntasks=3", "--cpus-per-task=6", "--kill-on-bad-exit=1"]
     assert env["QES_LAUNCHER"] == "srun" and int(env["MASTER_PORT"]) > 0
     with pytest.raises(ValueError, match="launcher must be one of"):
         launch_command(2, "mpirun", [], threads=2)

@@ -141,7 +141,10 @@ def _add_finetune(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", type=Path, required=True, help="training problems (train.parquet of the task stage)")
     parser.add_argument("--run-dir", type=Path, required=True, help="seed log folder; an existing one is resumed")
     parser.add_argument("--config", type=Path, default=None, help="YAML file whose `finetune:` block sets the run")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads in all (default: all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="CPU threads (default: all cores); torchrun ranks share them, srun ranks get them each",
+    )
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:

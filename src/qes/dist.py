@@ -131,11 +131,15 @@ def _free_port() -> int:
 
 
 def launch_command(ranks: int, launcher: str, args: list[str], threads: int) -> tuple[list[str], dict[str, str]]:
-    """The command line and environment that start `qes <args>` as `ranks` ranks."""
+    """The command line and environment that start `qes <args>` as `ranks` ranks.
+
+    `threads` is what the job has: in all for torchrun (shared out between the ranks), per task for
+    srun (the SLURM executor allocates the rule's threads to every task of the job).
+    """
     if launcher not in LAUNCHERS:
         raise ValueError(f"finetune.launcher must be one of {LAUNCHERS}, got {launcher!r}")
     env = dict(os.environ)
-    per_rank = max(1, threads // ranks)
+    per_rank = max(1, threads // ranks) if launcher == "torchrun" else max(1, threads)
     env["OMP_NUM_THREADS"] = str(per_rank)
     if launcher == "torchrun":
         # --standalone: a private rendezvous on a free local port; the agent stops every rank if one fails.
