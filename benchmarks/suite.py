@@ -205,16 +205,16 @@ def replay_vs_training(model_dir: Path, run_dir: Path) -> str:
 
 
 def synthetic_layers(total_codes: int, width: int = 2048):
-    """GPTQ-layout INT4 layers (random codes) adding up to about `total_codes`."""
+    """GPTQ-layout INT4 layers adding up to about `total_codes`, their words drawn from the counter hash."""
     from qes.codes import QuantLinear
+    from qes.noise import hash32
 
     layers = []
-    per_layer = width * width
-    generator = torch.Generator().manual_seed(0)  # benchmark data only; never enters a run
-    for i in range(max(1, total_codes // per_layer)):
+    words = (width // 8) * width
+    for i in range(max(1, total_codes // (width * width))):
         module = torch.nn.Module()
-        module.qweight = torch.randint(-(2**31), 2**31 - 1, (width // 8, width), dtype=torch.int32,
-                                       generator=generator)
+        draws = hash32(torch.arange(i * words, (i + 1) * words, dtype=torch.int64))  # in [0, 2^32)
+        module.qweight = (draws - (1 << 31)).to(torch.int32).view(width // 8, width)
         layers.append(QuantLinear(f"layer.{i:03d}", module, 4, width, width))
     return layers
 
@@ -311,9 +311,7 @@ def main() -> None:
             kept[title.strip()] = body.strip()
         for title, body in sections:
             kept[title] = f"{body}\n\nMachine: {machine()}. Command: `{command}`"
-        order = sorted(kept, key=lambda t: ("P1", "P2", "P3", "P4", "P5", "S ").index(t[:2]) if t[:2] in
-                       ("P1", "P2", "P3", "P4", "P5", "S ") else 9)
-        text = [f"## {title}\n\n{kept[title]}\n" for title in order]
+        text = [f"## {title}\n\n{kept[title]}\n" for title in sorted(kept)]  # P1..P5, then S
         args.out.parent.mkdir(parents=True, exist_ok=True)
         preamble = preamble.strip() or f"Machine: {machine()}."
         args.out.write_text(head + marker + "\n\n" + preamble + "\n\n" + "\n".join(text))

@@ -6,6 +6,7 @@ torchrun (it then joins the process group); prints the final codes_sha256.
 
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -24,6 +25,13 @@ CFG = TrainConfig(
     checkpoint_every=2,
     update=UpdateConfig(mode="replay", window=3),
 )
+
+
+def log_files(run_dir: Path) -> dict[str, bytes]:
+    """Every file of a run's seed log by relative path, without metrics.parquet (wall-clock timings)."""
+    files = {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    files.pop("metrics.parquet")
+    return files
 
 
 def main() -> None:

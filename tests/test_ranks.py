@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _synthetic_run import log_files
 
 from qes.dist import launch_command
 
@@ -34,18 +35,12 @@ def _synthetic(base: Path, run_dir: Path, ranks: int, fault: str | None = None) 
     return subprocess.run(command, capture_output=True, text=True, env=_env(fault), timeout=600)
 
 
-def _log_files(run_dir: Path) -> dict[str, bytes]:
-    files = {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    files.pop("metrics.parquet")  # wall-clock timings, not part of the log
-    return files
-
-
 @pytest.fixture(scope="module")
 def one_rank(tiny_gptq, tmp_path_factory) -> tuple[str, dict[str, bytes]]:
     run_dir = tmp_path_factory.mktemp("one-rank") / "run"
     result = _synthetic(tiny_gptq(4), run_dir, 1)
     assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout.strip().splitlines()[-1], _log_files(run_dir)
+    return result.stdout.strip().splitlines()[-1], log_files(run_dir)
 
 
 def test_two_ranks_equal_one_rank(tiny_gptq, tmp_path, one_rank) -> None:
@@ -54,7 +49,7 @@ def test_two_ranks_equal_one_rank(tiny_gptq, tmp_path, one_rank) -> None:
     result = _synthetic(tiny_gptq(4), run_dir, 2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == final
-    assert _log_files(run_dir) == files
+    assert log_files(run_dir) == files
     import pyarrow.parquet as pq
 
     metrics = pq.read_table(run_dir / "metrics.parquet").to_pylist()
@@ -75,7 +70,7 @@ def test_dead_rank_fails_cleanly_and_resume_is_exact(tiny_gptq, tmp_path, one_ra
     resumed = _synthetic(tiny_gptq(4), run_dir, 2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.strip().splitlines()[-1] == final
-    assert _log_files(run_dir) == files
+    assert log_files(run_dir) == files
 
 
 def test_finetune_command_starts_ranks(tiny_gptq, tmp_path) -> None:
@@ -104,7 +99,7 @@ def test_finetune_command_starts_ranks(tiny_gptq, tmp_path) -> None:
         assert result.returncode == 0, result.stderr[-3000:]
         summary = json.loads(result.stdout.strip().splitlines()[-1])
         assert summary["ranks"] == ranks
-        finals[ranks] = (summary["codes_sha256"], _log_files(run_dir))
+        finals[ranks] = (summary["codes_sha256"], log_files(run_dir))
     assert finals[1] == finals[2]
 
 

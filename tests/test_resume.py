@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _synthetic_run import log_files
 
 HERE = Path(__file__).parent
 
@@ -24,18 +25,12 @@ def _run(base: Path, run_dir: Path, fault: str | None = None, kernel: str = "liv
     )
 
 
-def _log_files(run_dir: Path) -> dict[str, bytes]:
-    files = {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    files.pop("metrics.parquet")  # wall-clock timings, not part of the log
-    return files
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_gptq, tmp_path_factory) -> tuple[str, dict[str, bytes]]:
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
     result = _run(tiny_gptq(4), run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout.strip().splitlines()[-1], _log_files(run_dir)
+    return result.stdout.strip().splitlines()[-1], log_files(run_dir)
 
 
 @pytest.mark.parametrize("fault", ["fitness:2", "update:3", "append:4"])
@@ -53,7 +48,7 @@ def test_kill_and_resume_is_exact(tiny_gptq, tmp_path, reference, fault: str) ->
     resumed = _run(tiny_gptq(4), run_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.strip().splitlines()[-1] == final
-    assert _log_files(run_dir) == files
+    assert log_files(run_dir) == files
 
 
 def test_resume_with_the_fast_kernel(tiny_gptq, tmp_path: Path) -> None:
@@ -63,11 +58,11 @@ def test_resume_with_the_fast_kernel(tiny_gptq, tmp_path: Path) -> None:
     """
     uninterrupted = _run(tiny_gptq(4), tmp_path / "reference", kernel="fast")
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
-    final, files = uninterrupted.stdout.strip().splitlines()[-1], _log_files(tmp_path / "reference")
+    final, files = uninterrupted.stdout.strip().splitlines()[-1], log_files(tmp_path / "reference")
     run_dir = tmp_path / "run"
     killed = _run(tiny_gptq(4), run_dir, "update:3", kernel="fast")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     resumed = _run(tiny_gptq(4), run_dir, kernel="fast")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.strip().splitlines()[-1] == final
-    assert _log_files(run_dir) == files
+    assert log_files(run_dir) == files
