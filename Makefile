@@ -1,13 +1,45 @@
 # make run   -- set up .venv and run the workflow on the embedded default config
 # make test  -- set up .venv and run the test suite
 # make lint  -- ruff, snakefmt and snakemake --lint
+#
+# The torch build is chosen by QES_TORCH (auto, cpu or cuda; see requirements/torch.txt):
+#   make setup QES_TORCH=cuda     # the CUDA build from PyPI, e.g. on a login node without a GPU
+# auto (the default) takes cuda when `nvidia-smi -L` lists a GPU, else cpu. The variant is recorded in the
+# set-up stamp: a make call that resolves to another variant reinstalls torch (export QES_TORCH to keep one).
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.qes-setup-stamp
+PIP := $(BIN)/python -m pip
 CORES ?= all
 PYTEST_ARGS ?=
+
+QES_TORCH ?= auto
+TORCH_VERSION := 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+ifeq ($(QES_TORCH),auto)
+TORCH_VARIANT := $(shell nvidia-smi -L 2>/dev/null | grep -q '^GPU [0-9]' && echo cuda || echo cpu)
+else
+TORCH_VARIANT := $(QES_TORCH)
+endif
+ifeq ($(filter $(TORCH_VARIANT),cpu cuda),)
+$(error QES_TORCH must be auto, cpu or cuda, not '$(QES_TORCH)')
+endif
+STAMP := $(VENV)/.qes-setup-stamp-$(TORCH_VARIANT)
+# Packages only the CUDA build of torch pulls in; a switch to cpu removes them (several GB).
+CUDA_ONLY := ^(nvidia-|triton==|cuda-toolkit==|cuda-bindings==|cuda-pathfinder==)
+
+# cpu: the local wheel if pip's find-links has one, else the PyTorch CPU index. Its dependencies come with
+# requirements/pinned.txt. cuda: exactly 2.13.0 (`===` refuses local builds such as 2.13.0+cpu) from PyPI.
+define torch_install_cpu
+	$(PIP) list --format=freeze | grep -E '$(CUDA_ONLY)' | cut -d= -f1 | xargs -r $(PIP) uninstall --quiet -y
+	$(PIP) install --quiet --no-index --no-deps torch==$(TORCH_VERSION)+cpu 2>/dev/null \
+	  || { echo "no local torch $(TORCH_VERSION)+cpu wheel: installing it from $(TORCH_CPU_INDEX)"; \
+	       $(PIP) install --quiet --no-deps --index-url $(TORCH_CPU_INDEX) torch==$(TORCH_VERSION)+cpu; }
+endef
+define torch_install_cuda
+	$(PIP) install --quiet "torch===$(TORCH_VERSION)"
+endef
 
 export GPTQMODEL_CPU_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 export TOKENIZERS_PARALLELISM ?= false
@@ -19,10 +51,12 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements/torch.txt requirements/pinned.txt requirements/no-deps.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -r requirements/torch.txt
-	$(BIN)/python -m pip install --quiet -r requirements/pinned.txt -c requirements/torch.txt
-	$(BIN)/python -m pip install --quiet --no-deps -r requirements/no-deps.txt
-	$(BIN)/python -m pip install --quiet --no-deps -e .
+	rm -f $(VENV)/.qes-setup-stamp*
+	@echo "installing torch $(TORCH_VERSION) ($(TORCH_VARIANT) build, QES_TORCH=$(QES_TORCH))"
+	$(torch_install_$(TORCH_VARIANT))
+	$(PIP) install --quiet -r requirements/pinned.txt -c requirements/torch.txt
+	$(PIP) install --quiet --no-deps -r requirements/no-deps.txt
+	$(PIP) install --quiet --no-deps -e .
 	touch $@
 
 run: setup

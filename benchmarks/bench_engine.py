@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    model, tokenizer = load_quantized(args.model, kernel="fast")
+    model, tokenizer = load_quantized(args.model, backend="auto")
     tokenizer.padding_side = "left"
     prompts = [
         tokenizer.apply_chat_template(
@@ -78,7 +78,7 @@ def main() -> None:
 
     noise = NoiseSpec.from_sigma(args.sigma)
     rows = []
-    layers = quantized_linears(model, strict=False)
+    layers = quantized_linears(model)
 
     def make_engine(mode: str) -> Engine:
         # One engine at a time: an engine re-points the modules' packed codes into its own arenas.

@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import torch
 
-from qes.codes import load_quantized
+from qes.codes import describe_compute, load_quantized
 from qes.fitness import GenerationConfig, generated_lengths, hf_generation_config, make_batch, score
 from qes.tasks.countdown import CountdownConfig, TaskSettings, build_prompt, generate_split
 
@@ -40,12 +40,13 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
-    parser.add_argument("--kernel", choices=["live", "fast"], default="fast", help="qes.codes.load_quantized kernel")
+    parser.add_argument("--backend", choices=["auto", "int4pack", "dense"], default="auto", help="forward backend")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="compute dtype")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, tokenizer = load_quantized(args.model, kernel=args.kernel)
+    model, tokenizer = load_quantized(args.model, dtype=args.dtype, backend=args.backend)
     settings = TaskSettings()
     gen = CountdownConfig(**{**settings.generator.__dict__, "train_size": 0, "eval_size": args.batch})
     problems = generate_split(gen, "eval")
@@ -83,7 +84,8 @@ def main() -> None:
             ratios[name].append(rates[name][-1] / (tokens[plain] / seconds[plain]))
 
     print(
-        f"model {args.model} ({args.kernel} kernel), batch {args.batch}, max_new_tokens {args.max_new_tokens}, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}\n"
+        f"model {args.model} ({describe_compute(model)}), batch {args.batch}, max_new_tokens {args.max_new_tokens}, "
         f"{args.repeats} rotating repeats after a warm-up, torch threads {torch.get_num_threads()}\n"
     )
     print("| path | generated tokens | tokens/s (median) | min | max | vs plain (median of repeats) |")

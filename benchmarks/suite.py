@@ -73,10 +73,10 @@ def overhead_and_throughput(model_dir: Path, train: Path, batch: int, new_tokens
     from qes.codes import load_quantized, quantized_linears
     from qes.fitness import GenerationConfig, hf_generation_config, load_batch, score
 
-    model, tokenizer = load_quantized(model_dir, kernel="fast")
+    model, tokenizer = load_quantized(model_dir, backend="auto")
     prompts = load_batch(tokenizer, train, batch)
     generation = GenerationConfig(max_new_tokens=new_tokens, batch_size=batch)
-    layers = quantized_linears(model, strict=False)
+    layers = quantized_linears(model)
 
     pert = perturb_restore_seconds(layers, SIGMA, max(repeats, 5))
     updates = {mode: update_seconds(layers, mode, SIGMA, repeats) for mode in ("replay", "stored")}
@@ -135,7 +135,7 @@ def peak_mb():
 kind, model_dir, train, batch, tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 generation = GenerationConfig(max_new_tokens=tokens, batch_size=batch)
 if kind == "inference":
-    model, tokenizer = load_quantized(model_dir, kernel="fast")
+    model, tokenizer = load_quantized(model_dir, backend="auto")
     prompts = load_batch(tokenizer, train, batch)
     score(model, prompts, generation)  # warm-up, then measure a steady-state batch
     reset_peak()
@@ -183,7 +183,7 @@ def replay_vs_training(model_dir: Path, run_dir: Path) -> str:
     from qes.seedlog import SeedLog
 
     seedlog = SeedLog.open(run_dir)
-    model, _ = load_quantized(model_dir, kernel="fast")
+    model, _ = load_quantized(model_dir, backend="auto")
     start = time.perf_counter()
     engine = engine_for_log(model, seedlog)
     replay_steps(engine, seedlog)

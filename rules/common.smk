@@ -1,6 +1,10 @@
 # Helpers shared by the Snakefile and the rules. Nothing here reads the config at include time:
 # the config is validated (and completed with the schema's defaults) after this file is included.
 
+import os
+import re
+import subprocess
+
 import yaml
 
 
@@ -78,18 +82,88 @@ def seed_log_dir(run):
     return f"results/runs/{run}"
 
 
-def finetune_gpus():
-    """GPUs the finetune job asks for: one per rank when the config asks for CUDA, else none."""
-    return config["finetune"]["ranks"] if config["finetune"]["device"] == "cuda" else 0
+# Environment variable through which the device resolved by the main Snakemake process reaches the
+# Snakemake of each cluster job (the SLURM executor submits with --export=ALL), so a job never resolves
+# `auto` again on a node that may see other hardware than the machine that planned it.
+RESOLVED_DEVICE_VARIABLE = "QES_RESOLVED_DEVICE"
+_resolved = {}
 
 
-def finetune_mpi():
-    """The launcher as the SLURM executor's `mpi` resource when ranks are started by srun, else unset.
+def nvidia_gpu_listed():
+    """True when `nvidia-smi -L` runs and lists at least one GPU (torch is not imported to find out)."""
+    try:
+        listing = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return listing.returncode == 0 and bool(
+        re.search(r"^GPU \d+:", listing.stdout, flags=re.M)
+    )
 
-    With it, the executor gives the job one task per rank and leaves starting them to the job itself.
+
+def resolved_device():
+    """`finetune.device` with `auto` resolved once: cuda when this machine sees an NVIDIA GPU, else cpu.
+
+    finetune, evaluate and experiment_summary get this value (never `auto`), and it decides whether they
+    ask for GPUs. A job's own Snakemake (cluster execution) takes the value its submitter resolved.
+    """
+    device = config["finetune"]["device"]
+    if device != "auto":
+        return device
+    if "auto" not in _resolved:
+        inherited = os.environ.get(RESOLVED_DEVICE_VARIABLE)
+        spawned = workflow.remote_exec or workflow.subprocess_exec
+        if spawned and inherited in ("cpu", "cuda"):
+            _resolved["auto"] = inherited
+        else:
+            _resolved["auto"] = "cuda" if nvidia_gpu_listed() else "cpu"
+        os.environ[RESOLVED_DEVICE_VARIABLE] = _resolved["auto"]
+    return _resolved["auto"]
+
+
+def uses_gpu():
+    """Whether finetune, evaluate and experiment_summary run on a GPU."""
+    return resolved_device() == "cuda"
+
+
+def conda_env():
+    """Conda environment of every job under --use-conda: the CUDA build of torch when the jobs use a GPU."""
+    return "../envs/qes-cuda.yaml" if uses_gpu() else "../envs/qes-cpu.yaml"
+
+
+def _gpu_partition():
+    """The partition of GPU jobs, when `slurm.gpu_partition` names one; else the jobs keep the default one."""
+    partition = config["slurm"]["gpu_partition"]
+    return {"slurm_partition": partition} if partition else {}
+
+
+def finetune_resources():
+    """Task, GPU and partition resources of the finetune job for the SLURM executor.
+
+    srun ranks (ranks > 1, launcher srun) are one task each (`tasks` and `mpi`); torchrun ranks are
+    processes of a single task. On a GPU every rank gets one GPU (`gpu`): srun ranks as one task per GPU
+    (`tasks_per_gpu` 1, so --ntasks=N --ntasks-per-gpu=1 --gpus=N), torchrun's single task all N GPUs of
+    one node. A CPU job asks for no GPU and stays on the default partition.
     """
     ranks, launcher = config["finetune"]["ranks"], config["finetune"]["launcher"]
-    return "srun" if ranks > 1 and launcher == "srun" else None
+    srun = ranks > 1 and launcher == "srun"
+    resources = {"tasks": ranks if srun else 1}
+    if srun:
+        resources["mpi"] = "srun"
+    if uses_gpu():
+        resources.update(gpu=ranks, tasks_per_gpu=1 if srun or ranks == 1 else 0)
+        if not srun and ranks > 1:
+            resources["nodes"] = 1
+        resources.update(_gpu_partition())
+    return resources
+
+
+def evaluate_resources():
+    """Resources of evaluate and experiment_summary (one process): one GPU when finetune uses GPUs."""
+    if not uses_gpu():
+        return {"tasks": 1}
+    return {"tasks": 1, "gpu": 1, "tasks_per_gpu": 1, **_gpu_partition()}
 
 
 def experiment_settings():
@@ -103,7 +177,8 @@ def finetune_settings(run):
     """Finetune settings of a run: experiment (exp-*) and sweep (sweep-*) runs derive theirs from the config."""
     from qes.experiments import finetune_block
 
-    return finetune_block(run, config["finetune"], experiment_settings())
+    base = {**config["finetune"], "device": resolved_device()}
+    return finetune_block(run, base, experiment_settings())
 
 
 def experiment_runs(kind="runs"):

@@ -41,14 +41,15 @@ rule experiment_summary:
     benchmark:
         "benchmarks/experiments/summary.tsv"
     conda:
-        "../envs/qes.yaml"
+        conda_env()
     threads: max(1, workflow.cores)
     resources:
+        **evaluate_resources(),
         mem_mb=6000,
     params:
         experiments=lambda wildcards: config["experiments"],
         evaluate=lambda wildcards: config["evaluate"],
-        device=lambda wildcards: config["finetune"]["device"],
+        device=lambda wildcards: resolved_device(),
     script:
         "../scripts/experiment_summary.py"
 
@@ -63,7 +64,7 @@ rule sweep_summary:
     log:
         "logs/experiments/sweep.log",
     conda:
-        "../envs/qes.yaml"
+        conda_env()
     params:
         experiments=lambda wildcards: config["experiments"],
     script:

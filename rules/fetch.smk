@@ -13,7 +13,7 @@ rule fetch_model:
     benchmark:
         "benchmarks/fetch_model/{model}.tsv"
     conda:
-        "../envs/qes.yaml"
+        conda_env()
     resources:
         mem_mb=4000,
     params:

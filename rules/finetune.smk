@@ -17,14 +17,12 @@ rule finetune:
     benchmark:
         "benchmarks/finetune/{run}.tsv"
     conda:
-        "../envs/qes.yaml"
+        conda_env()
     threads: max(1, workflow.cores)
     resources:
+        **finetune_resources(),
         mem_mb=8000,
         runtime=240,
-        gpu=lambda wildcards: finetune_gpus(),
-        tasks=lambda wildcards: config["finetune"]["ranks"],
-        mpi=lambda wildcards: finetune_mpi(),
     params:
         finetune=lambda wildcards: finetune_settings(wildcards.run),
         seed_log=lambda wildcards: seed_log_dir(wildcards.run),
@@ -43,7 +41,7 @@ rule replay:
     benchmark:
         "benchmarks/replay/{run}.tsv"
     conda:
-        "../envs/qes.yaml"
+        conda_env()
     threads: max(1, workflow.cores)
     resources:
         mem_mb=4000,
@@ -82,13 +80,14 @@ rule evaluate:
     benchmark:
         "benchmarks/evaluate/{run}.tsv"
     conda:
-        "../envs/qes.yaml"
+        conda_env()
     threads: max(1, workflow.cores)
     resources:
+        **evaluate_resources(),
         mem_mb=6000,
     params:
         evaluate=lambda wildcards: config["evaluate"],
-        device=lambda wildcards: config["finetune"]["device"],
+        device=lambda wildcards: resolved_device(),
     script:
         "../scripts/evaluate.py"
 
@@ -105,7 +104,7 @@ rule export:
     benchmark:
         "benchmarks/export/{run}.tsv"
     conda:
-        "../envs/qes.yaml"
+        conda_env()
     resources:
         mem_mb=2000,
     params:

@@ -11,7 +11,7 @@ rule quantize:
     benchmark:
         "benchmarks/quantize/{model}-w{bits}g{group}.tsv"
     conda:
-        "../envs/qes.yaml"
+        conda_env()
     threads: max(1, workflow.cores)
     resources:
         mem_mb=8000,

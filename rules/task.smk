@@ -13,7 +13,7 @@ rule make_task_data:
     benchmark:
         "benchmarks/make_task_data/{task}.tsv"
     conda:
-        "../envs/qes.yaml"
+        conda_env()
     resources:
         mem_mb=2000,
     params:

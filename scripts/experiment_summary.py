@@ -2,6 +2,7 @@
 
 import torch
 
+from qes.evaluate import EvaluateConfig
 from qes.experiments import ExperimentConfig, evaluate_all, plot_curves, summarize, table, write_report
 from qes.logutil import log_to
 
@@ -9,15 +10,14 @@ with log_to(snakemake.log[0]) as log:
     torch.set_num_threads(snakemake.threads)
     cfg = ExperimentConfig.from_dict(snakemake.params.experiments)
     runs = cfg.runs()
-    evaluate = snakemake.params.evaluate
+    evaluate = EvaluateConfig(
+        **{**snakemake.params.evaluate, "limit": cfg.eval_limit}, device=snakemake.params.device
+    )
     heldout = evaluate_all(
         snakemake.input.base,
         dict(zip(runs, snakemake.input.tuned)),
         snakemake.input.eval,
-        max_new_tokens=evaluate["max_new_tokens"],
-        batch_size=evaluate["batch_size"],
-        limit=cfg.eval_limit,
-        device=snakemake.params.device,
+        evaluate,
         out_dir=snakemake.output.heldout,
     )
     summary = summarize(heldout, cfg)

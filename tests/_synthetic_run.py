@@ -37,7 +37,7 @@ def log_files(run_dir: Path) -> dict[str, bytes]:
 def main() -> None:
     torch.set_num_threads(1)  # the same float reductions in every process, however many ranks
     ranks = init_ranks("cpu")
-    model, _ = load_quantized(sys.argv[1], kernel=os.environ.get("QES_TEST_KERNEL", "live"))
+    model, _ = load_quantized(sys.argv[1], backend=os.environ.get("QES_TEST_BACKEND", "dense"))
 
     def fitness(t: int) -> float:
         with torch.no_grad():
@@ -45,7 +45,7 @@ def main() -> None:
         logp = torch.log_softmax(logits[0, :-1], -1).gather(1, PROMPT[0, 1:, None])
         return float(logp.mean())
 
-    final = train(model, quantized_linears(model, strict=False), fitness, CFG, sys.argv[2], ranks=ranks)
+    final = train(model, quantized_linears(model), fitness, CFG, sys.argv[2], ranks=ranks)
     close_ranks(ranks)
     if ranks.is_writer:
         print(final)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from qes import codes as qc
+from qes.qlinear import dequantize_weight
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -57,12 +58,16 @@ def test_layer_key_is_pinned() -> None:
     assert 0 <= qc.layer_key("") < 2**63
 
 
-def test_tiny_gptq_layers_are_live_torch_kernels(tiny_gptq_dir: Path) -> None:
+def test_tiny_gptq_layers_are_project_modules(tiny_gptq_dir: Path) -> None:
     model, _ = qc.load_quantized(tiny_gptq_dir)
     layers = qc.quantized_linears(model)
     assert [layer.name for layer in layers] == sorted(layer.name for layer in layers)
     assert len(layers) == 2 * 7
-    assert {type(layer.module).__name__ for layer in layers} == {"TorchLinear"}
+    assert {type(layer.module).__name__ for layer in layers} == {"GPTQLinear"}
+    # auto: int4pack for INT4 on the CPU, dense otherwise; nothing of GPTQModel's kernels is left.
+    expected = "int4pack" if layers[0].bits == 4 else "dense"
+    assert qc.describe_compute(model)["backends"] == {expected: 14}
+    assert not [m for m in model.modules() if type(m).__module__.startswith("gptqmodel")]
     up = next(layer for layer in layers if layer.name == "model.layers.0.mlp.up_proj")
     assert (up.in_features, up.out_features) == (64, 128)
     assert up.num_codes == 64 * 128
@@ -153,37 +158,22 @@ def test_save_load_round_trip_identical(tiny_gptq_dir: Path, tmp_path: Path) -> 
     assert torch.equal(_logits(reloaded, ids), reference)
 
 
-def test_plain_save_pretrained_shifts_zeros(tiny_gptq_dir: Path, tmp_path: Path) -> None:
-    """Documents the pitfall save_quantized avoids: save_pretrained writes in-memory zeros as on-disk ones."""
+def test_save_copies_everything_but_the_codes(tiny_gptq_dir: Path, tmp_path: Path) -> None:
+    """save_quantized rewrites qweight only: zero points (on-disk convention), scales, embeddings and their
+    dtypes come back byte for byte, so the export is the standard checkpoint GPTQModel wrote."""
+    from safetensors.torch import load_file
+
     model, tokenizer = qc.load_quantized(tiny_gptq_dir)
-    ids = tokenizer("Using the numbers [3, 5, 7] make 22", return_tensors="pt").input_ids
-    reference = _logits(model, ids)
-    model.save_pretrained(tmp_path / "naive")
-    tokenizer.save_pretrained(tmp_path / "naive")
-    reloaded, _ = qc.load_quantized(tmp_path / "naive")
-    assert qc.codes_sha256(reloaded) == qc.codes_sha256(model)
-    assert not torch.allclose(_logits(reloaded, ids), reference)
-
-
-def test_plain_transformers_load_kernel_choice(tiny_gptq: object, tmp_path: Path) -> None:
-    """Without qes.codes.load_quantized, 4-bit layers get TorchAtenLinear, which repacks qweight at first use."""
-    from transformers import AutoModelForCausalLM
-
-    path = tiny_gptq(4)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16)
-    kernels = {type(m).__name__ for m in model.modules() if hasattr(m, "qweight")}
-    assert kernels == {"TorchAtenLinear"}
-    with pytest.raises(RuntimeError, match="load_quantized"):
-        qc.quantized_linears(model)
-    with torch.no_grad():
-        model(torch.tensor([[1, 20, 30]]))
-    # strict=False lists the layers (the engine's stores read the repacked layout), but the GPTQ view
-    # of their codes is refused with a clear message.
-    layers = qc.quantized_linears(model, strict=False)
-    with pytest.raises(RuntimeError, match="no longer in GPTQ layout"):
-        layers[0].qweight  # noqa: B018
-    with pytest.raises(RuntimeError, match="no longer in GPTQ layout"):
-        qc.codes_sha256(model)
+    layer = qc.quantized_linears(model)[1]
+    layer.qweight.view(-1)[0] ^= 1
+    out = qc.save_quantized(model, tokenizer, tmp_path / "saved")
+    before = load_file(next(tiny_gptq_dir.glob("*.safetensors")))
+    after = load_file(next(out.glob("*.safetensors")))
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not (before[k].dtype == after[k].dtype and torch.equal(before[k], after[k]))]
+    assert changed == [f"{layer.name}.qweight"]
+    assert (out / "config.json").read_bytes() == (tiny_gptq_dir / "config.json").read_bytes()
+    assert not (out / "quant_report.json").exists()
 
 
 def test_load_quantized_rejects_float_folder(tiny_float_dir: Path) -> None:
@@ -209,10 +199,16 @@ def test_copy_of_checkpoint_loads(tiny_gptq_dir: Path, tmp_path: Path) -> None:
     assert qc.codes_sha256(model) == json.loads((copy / "quant_report.json").read_text())["codes_sha256"]
 
 
-def test_cached_forward_matches_gptqmodel_kernel(tiny_gptq_dir: Path) -> None:
-    """qes' dequantize-once forward computes the same function as GPTQModel's TorchLinear kernel."""
-    cached, tokenizer = qc.load_quantized(tiny_gptq_dir)
-    kernel, _ = qc.load_quantized(tiny_gptq_dir, cache_weights=False)
+def test_dense_backend_matches_gptqmodel_kernel(tiny_gptq_dir: Path) -> None:
+    """The project's dense forward computes the same function as GPTQModel's own TorchLinear kernel."""
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    cached, tokenizer = qc.load_quantized(tiny_gptq_dir, dtype="float32", backend="dense")
+    bits = qc.quantized_linears(cached)[0].bits
+    kernel = AutoModelForCausalLM.from_pretrained(
+        str(tiny_gptq_dir), dtype=torch.float32, quantization_config=GPTQConfig(bits=bits, backend="torch")
+    ).eval()
+    assert {type(m).__name__ for m in kernel.modules() if hasattr(m, "qweight")} == {"TorchLinear"}
     ids = tokenizer("Using the numbers [3, 5, 7] make 22", return_tensors="pt").input_ids
     a, b = _logits(cached, ids), _logits(kernel, ids)
     # GPTQModel multiplies in fp16, qes in fp32: equal up to fp16 rounding of the weights.
@@ -229,7 +225,7 @@ def test_dequantize_formula(tiny_gptq_dir: Path) -> None:
     scales = module.scales.to(torch.float32)
     group = (torch.arange(layer.in_features) // 32).long()
     expected = ((q.t() - zeros[group]) * scales[group]).to(torch.float32)
-    assert torch.equal(qc.dequantize(module), expected)
+    assert torch.equal(dequantize_weight(module, torch.float32), expected.t())
     assert torch.equal(module.g_idx.long(), group)
 
 

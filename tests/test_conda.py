@@ -3,6 +3,8 @@
 No conda can be installed on the test machines, so a stub `conda` on PATH answers the three questions
 Snakemake asks before planning (`--version`, `info --json`, `config --get channel_priority`). Without
 it, `--use-conda` must stop at once: that proves the stub, not a silent fallback, is what is exercised.
+The environment follows the resolved device: envs/qes-cpu.yaml (torch's CPU build) or envs/qes-cuda.yaml;
+a stub `nvidia-smi` that lists a GPU, or fails, decides what `device: auto` resolves to.
 """
 
 from __future__ import annotations
@@ -26,8 +28,14 @@ case "$1" in
   *) echo "stub conda cannot: $*" >&2; exit 1 ;;
 esac
 """
+NVIDIA_SMI = {
+    "gpu": "#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0a1b2c3d-0000-0000-0000)'\n",
+    "none": "#!/bin/sh\necho 'No devices were found'\nexit 6\n",
+}
 RULES = {"fetch_model", "quantize", "make_task_data", "finetune", "replay", "evaluate", "export"}
 EXPERIMENT_RULES = {"finetune", "replay", "experiment_summary"}
+ENVS = ("qes-cpu.yaml", "qes-cuda.yaml")
+CPU_INDEX = "--extra-index-url https://download.pytorch.org/whl/cpu"
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +43,15 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return copy_workflow(tmp_path_factory.mktemp("conda") / "workflow")
 
 
-def _stub_path(tmp_path: Path) -> tuple[dict[str, str], Path]:
+def _stub_path(tmp_path: Path, nvidia_smi: str = "none") -> tuple[dict[str, str], Path]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "calls.txt"
     stub = bin_dir / "conda"
     stub.write_text(STUB.format(calls=calls, prefix=tmp_path / "conda"))
     stub.chmod(0o755)
+    (bin_dir / "nvidia-smi").write_text(NVIDIA_SMI[nvidia_smi])
+    (bin_dir / "nvidia-smi").chmod(0o755)
     return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, calls
 
 
@@ -50,7 +60,8 @@ def test_dry_run_with_conda_plans_every_rule(workdir: Path, tmp_path: Path) -> N
     result = snakemake(workdir, "-n", "--use-conda", "--cores", "2", env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout + result.stderr
-    assert "Conda environment envs/qes.yaml will be created" in out
+    assert "Conda environment envs/qes-cpu.yaml will be created" in out
+    assert "envs/qes-cuda.yaml" not in out
     planned = set(re.findall(r"^rule (\w+):", out, flags=re.M)) - {"all"}
     assert planned == RULES
     assert "info --json" in calls.read_text()
@@ -59,7 +70,28 @@ def test_dry_run_with_conda_plans_every_rule(workdir: Path, tmp_path: Path) -> N
     planned = set(re.findall(r"^rule (\w+):", experiments.stdout + experiments.stderr, flags=re.M))
     assert planned >= EXPERIMENT_RULES
     listed = snakemake(workdir, "--list-conda-envs", "--use-conda", "--cores", "1", env=env)
-    assert listed.returncode == 0 and "envs/qes.yaml" in listed.stdout
+    assert listed.returncode == 0 and "envs/qes-cpu.yaml" in listed.stdout
+    assert "envs/qes-cuda.yaml" not in listed.stdout
+
+
+@pytest.mark.parametrize(
+    ("nvidia_smi", "device", "expected"),
+    [("gpu", "auto", "qes-cuda.yaml"), ("none", "cuda", "qes-cuda.yaml"), ("gpu", "cpu", "qes-cpu.yaml")],
+    ids=["auto-with-gpu", "cuda", "cpu-with-gpu"],
+)
+def test_environment_follows_the_resolved_device(
+    workdir: Path, tmp_path: Path, nvidia_smi: str, device: str, expected: str
+) -> None:
+    env, _ = _stub_path(tmp_path, nvidia_smi)
+    result = snakemake(workdir, "-n", "--use-conda", "--cores", "2", "--config", f"finetune={{device: {device}}}",
+                       env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert f"Conda environment envs/{expected} will be created" in out
+    (other,) = set(ENVS) - {expected}
+    assert f"envs/{other}" not in out
+    planned = set(re.findall(r"^rule (\w+):", out, flags=re.M)) - {"all"}
+    assert planned == RULES
 
 
 def test_every_rule_declares_the_environment() -> None:
@@ -69,7 +101,7 @@ def test_every_rule_declares_the_environment() -> None:
             name = block.split(":", 1)[0]
             if "script:" not in block and "shell:" not in block:
                 continue  # a target rule: it runs nothing
-            assert 'conda:\n        "../envs/qes.yaml"' in block, f"rule {name} in {smk.name} has no conda env"
+            assert "conda:\n        conda_env()" in block, f"rule {name} in {smk.name} has no conda env"
 
 
 def test_without_conda_use_conda_stops_with_a_clear_error(workdir: Path, tmp_path: Path) -> None:
@@ -80,23 +112,42 @@ def test_without_conda_use_conda_stops_with_a_clear_error(workdir: Path, tmp_pat
     assert "Error running conda info" in result.stdout + result.stderr
 
 
-def test_env_pins_match_the_setup_pins() -> None:
-    """envs/qes.yaml pins (exact ==) the same versions that `make setup` installs and the tests use."""
+def _pip_section(name: str) -> list[str]:
+    env = yaml.safe_load((ROOT / "envs" / name).read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert pip, f"envs/{name} has an empty pip section"
+    return pip
+
+
+@pytest.mark.parametrize("name", ENVS)
+def test_env_pins_match_the_setup_pins(name: str) -> None:
+    """Each env pins (exact ==) the same versions that `make setup` installs and the tests use."""
     pinned = {}
-    for name in ("torch.txt", "pinned.txt"):
-        for line in (ROOT / "requirements" / name).read_text().splitlines():
+    for requirements in ("torch.txt", "pinned.txt"):
+        for line in (ROOT / "requirements" / requirements).read_text().splitlines():
             if "==" in line and not line.startswith("#"):
                 package, version = line.split("==")
                 pinned[package.strip().lower().replace("_", "-")] = version.strip()
-    env = yaml.safe_load((ROOT / "envs" / "qes.yaml").read_text())
-    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    assert pip, "envs/qes.yaml has an empty pip section"
-    for requirement in pip:
+    for requirement in _pip_section(name):
+        if requirement.startswith("--"):
+            continue  # an index option
         package, sep, version = requirement.partition("==")
-        assert sep, f"envs/qes.yaml: {requirement!r} is not pinned with =="
+        assert sep, f"envs/{name}: {requirement!r} is not pinned with =="
         key = package.strip().lower().replace("_", "-")
-        assert pinned.get(key) == version, f"envs/qes.yaml pins {requirement}, requirements/ pin {pinned.get(key)}"
+        public = version.split("+")[0] if key == "torch" else version
+        assert pinned.get(key) == public, f"envs/{name} pins {requirement}, requirements/ pin {pinned.get(key)}"
     assert {"snakemake", "pyarrow", "gptqmodel", "transformers"} <= {p.lower() for p in pinned}
+
+
+def test_cpu_and_cuda_envs_differ_only_in_the_torch_build() -> None:
+    cpu, cuda = _pip_section("qes-cpu.yaml"), _pip_section("qes-cuda.yaml")
+    assert CPU_INDEX in cpu and "torch==2.13.0+cpu" in cpu
+    assert not any(r.startswith("--") for r in cuda) and "torch==2.13.0" in cuda
+    rest = {r for r in cpu if not r.startswith(("--", "torch=="))}
+    assert rest == {r for r in cuda if not r.startswith("torch==")}
+    for name in ENVS:
+        script = ROOT / "envs" / name.replace(".yaml", ".post-deploy.sh")
+        assert os.access(script, os.X_OK), f"{script.name} is missing or not executable"
 
 
 def test_snakemake_lint_is_clean(workdir: Path) -> None:

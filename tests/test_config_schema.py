@@ -58,6 +58,10 @@ def test_defaults_fill_missing_blocks_and_keys() -> None:
     }
     assert config["model"]["name"] == "smollm2-135m-instruct"
     assert config["model"]["revision"] is None
+    for block in ("finetune", "evaluate"):
+        assert (config[block]["backend"], config[block]["dtype"]) == ("auto", "auto")
+    assert config["finetune"]["device"] == "auto"
+    assert config["slurm"] == {"gpu_partition": None}
 
 
 def test_every_key_has_type_default_and_description() -> None:
@@ -88,6 +92,13 @@ def test_every_key_has_type_default_and_description() -> None:
         (lambda c: c["model"].update(source="ftp://x"), "does not match"),
         (lambda c: c["model"].update(name="a/b"), "does not match"),
         (lambda c: c["model"].update(dtype="int8"), "'int8' is not one of"),
+        (lambda c: c["finetune"].update(backend="marlin"), "'marlin' is not one of ['auto', 'int4pack', 'dense']"),
+        (lambda c: c["evaluate"].update(backend="exllama"), "'exllama' is not one of"),
+        (lambda c: c["finetune"].update(dtype="fp8"), "'fp8' is not one of ['auto', 'float32', 'bfloat16', 'float16']"),
+        (lambda c: c["evaluate"].update(dtype="half"), "'half' is not one of"),
+        (lambda c: c["finetune"].update(device="gpu"), "'gpu' is not one of ['auto', 'cpu', 'cuda']"),
+        (lambda c: c["slurm"].update(gpu_partition=3), "3 is not of type 'string', 'null'"),
+        (lambda c: c["slurm"].update(partition="cpu"), "'partition' was unexpected"),
     ],
 )
 def test_bad_configs_are_rejected(mutate, expected: str) -> None:

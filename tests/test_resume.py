@@ -14,9 +14,9 @@ from _synthetic_run import log_files
 HERE = Path(__file__).parent
 
 
-def _run(base: Path, run_dir: Path, fault: str | None = None, kernel: str = "live") -> subprocess.CompletedProcess:
+def _run(base: Path, run_dir: Path, fault: str | None = None, backend: str = "dense") -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "QES_FAULT"}
-    env["QES_TEST_KERNEL"] = kernel
+    env["QES_TEST_BACKEND"] = backend
     if fault:
         env["QES_FAULT"] = fault
     return subprocess.run(
@@ -51,18 +51,18 @@ def test_kill_and_resume_is_exact(tiny_gptq, tmp_path, reference, fault: str) ->
     assert log_files(run_dir) == files
 
 
-def test_resume_with_the_fast_kernel(tiny_gptq, tmp_path: Path) -> None:
-    """Training loads the int4pack kernel; a resumed run replays onto that layout to the same result.
+def test_resume_with_the_int4pack_backend(tiny_gptq, tmp_path: Path) -> None:
+    """Training on CPU runs INT4 through int4pack; a resumed run replays into that cache to the same result.
 
-    (Its float logits differ from the live kernel's, so the reference is an uninterrupted fast-kernel run.)
+    (Its float logits differ from the dense backend's, so the reference is an uninterrupted int4pack run.)
     """
-    uninterrupted = _run(tiny_gptq(4), tmp_path / "reference", kernel="fast")
+    uninterrupted = _run(tiny_gptq(4), tmp_path / "reference", backend="int4pack")
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     final, files = uninterrupted.stdout.strip().splitlines()[-1], log_files(tmp_path / "reference")
     run_dir = tmp_path / "run"
-    killed = _run(tiny_gptq(4), run_dir, "update:3", kernel="fast")
+    killed = _run(tiny_gptq(4), run_dir, "update:3", backend="int4pack")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    resumed = _run(tiny_gptq(4), run_dir, kernel="fast")
+    resumed = _run(tiny_gptq(4), run_dir, backend="int4pack")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.strip().splitlines()[-1] == final
     assert log_files(run_dir) == files

@@ -90,7 +90,7 @@ def _add_codes_sha256(parser: argparse.ArgumentParser) -> None:
 def _cmd_codes_sha256(args: argparse.Namespace) -> int:
     from qes.codes import codes_sha256, load_quantized
 
-    model, _ = load_quantized(args.model)
+    model, _ = load_quantized(args.model, backend="none")
     print(codes_sha256(model))
     return 0
 
@@ -136,11 +136,29 @@ def _read_block(path: Path | None, block: str) -> dict:
     return dict(data.get(block) or {})
 
 
+def _add_compute_options(parser: argparse.ArgumentParser) -> None:
+    from qes.qlinear import BACKENDS
+
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                        help="where to compute (default: the config's, else auto = cuda when torch sees one)")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="forward path of the quantized layers: int4pack (torch's CPU int4 matmul, INT4), "
+                             "dense (dequantized weight, any device), auto (default: int4pack for INT4 on CPU)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
+                        help="compute dtype (default auto: bf16 on CUDA and CPUs with native bf16, else float32)")
+
+
+def _compute_options(args: argparse.Namespace) -> dict:
+    """The --device/--backend/--dtype flags that were given, to override the config block."""
+    return {key: getattr(args, key) for key in ("device", "backend", "dtype") if getattr(args, key) is not None}
+
+
 def _add_finetune(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="quantized checkpoint (output of `qes quantize`)")
     parser.add_argument("--train", type=Path, required=True, help="training problems (train.parquet of the task stage)")
     parser.add_argument("--run-dir", type=Path, required=True, help="seed log folder; an existing one is resumed")
     parser.add_argument("--config", type=Path, default=None, help="YAML file whose `finetune:` block sets the run")
+    _add_compute_options(parser)
     parser.add_argument(
         "--threads", type=int, default=None,
         help="CPU threads (default: all cores); torchrun ranks share them, srun ranks get them each",
@@ -153,7 +171,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from qes.train import run_finetune
 
     threads = args.threads or os.cpu_count() or 1
-    summary = run_finetune(args.model, args.train, args.run_dir, _read_block(args.config, "finetune"), threads)
+    block = {**_read_block(args.config, "finetune"), **_compute_options(args)}
+    summary = run_finetune(args.model, args.train, args.run_dir, block, threads)
     print(json.dumps(summary))
     return 0
 
@@ -164,12 +183,13 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval", type=Path, required=True, help="held-out problems (eval.parquet of the task stage)")
     parser.add_argument("--out", type=Path, required=True, help="output folder for metrics.json and examples")
     parser.add_argument("--config", type=Path, default=None, help="YAML file whose `evaluate:` block sets the budget")
+    _add_compute_options(parser)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from qes.evaluate import EvaluateConfig, compare
 
-    cfg = EvaluateConfig(**_read_block(args.config, "evaluate"))
+    cfg = EvaluateConfig(**{**_read_block(args.config, "evaluate"), **_compute_options(args)})
     metrics = compare(
         args.base, args.tuned, args.eval, cfg,
         args.out / "metrics.json", args.out / "base_examples.parquet", args.out / "tuned_examples.parquet",

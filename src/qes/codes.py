@@ -21,41 +21,30 @@ The dequantized weight is ``W[o, i] = (Q[o, i] - zero[g_idx[i], o]) * scale[g_id
 
 Element ``k`` of a layer's code vector is ``Q[o, i]`` with ``k = o * I + i`` (row-major over ``[out, in]``).
 
-Kernels
+Loading
 -------
-GPTQModel picks an inference kernel when a checkpoint is loaded. Not all of them read ``qweight`` at each
-forward pass; on CPU the automatic choice is:
-
-* 4 bits -> ``TorchAtenLinear``. At its first forward pass in eval mode it **replaces** ``qweight`` by a
-  uint8 tensor in ATen's int4-pack layout (shape ``[O, I/4]``) and ``qzeros`` by bf16 offsets. Writes into
-  the GPTQ ``qweight`` made after that are either lost or land in a different layout.
-* 8 bits -> ``TorchLinear``, which dequantizes from ``qweight`` at every forward pass.
-
-:func:`load_quantized` therefore always asks for GPTQModel's ``torch`` backend, which gives ``TorchLinear``
-for both widths (and on CUDA too) and keeps the GPTQ tensors in GPTQ layout. ``TorchLinear`` dequantizes the
-whole weight at every call, which makes generation ~20x slower than a float model on CPU, and it has two opt-in
-caches (``GPTQ_TORCH_CACHE_WEIGHTS``, ``GPTQ_TORCH_LOOKAHEAD``) that would ignore writes; qes keeps both off.
-Instead :func:`load_quantized` gives each layer a forward pass that dequantizes once (:func:`dequantize`) and
-reuses the float weight until one of the layer's GPTQ tensors changes, detected through torch's per-tensor
-version counters. Any in-place torch write to :attr:`QuantLinear.qweight` bumps that counter, so the next
-forward pass uses the new codes, with no refresh call. :func:`refresh` drops the caches explicitly (needed
-only after writes that bypass torch, e.g. through a numpy view, or to free memory).
+:func:`load_quantized` builds the model's architecture with transformers, swaps every GPTQ linear for the
+project's own :class:`qes.qlinear.GPTQLinear` and fills it from the checkpoint's safetensors. No GPTQModel
+kernel is involved: the GPTQ tensors stay in checkpoint layout on the device, and the forward pass runs on a
+backend the project chooses (``int4pack`` or ``dense``, see :mod:`qes.qlinear`). Checkpoints it cannot run
+exactly (act-order, another packing or bit width) are refused at load, naming the layer.
 
 Zero points
 -----------
-On disk GPTQ stores each zero point minus one (symmetric 4-bit: word ``0x77777777`` for the true zero 8).
-After loading, GPTQModel converts them to the exact zero (``0x88888888``) in memory. transformers'
-``save_pretrained`` writes the in-memory tensors under the on-disk format label, which shifts every zero by
-one after a reload. :func:`save_quantized` converts the zeros back to the on-disk convention before writing.
+On disk GPTQ (``checkpoint_format: gptq``) stores each zero point minus one (symmetric 4-bit: word
+``0x77777777`` for the true zero 8). :func:`load_quantized` keeps the exact zero in memory (``0x88888888``).
+:func:`save_quantized` never re-serialises a live model: it copies the source checkpoint and replaces only
+the ``qweight`` tensors, so zero points, scales and every other tensor are written back byte for byte.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import logging
+import shutil
 import struct
-import types
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,9 +53,18 @@ from typing import Any
 import torch
 
 from qes import _env  # noqa: F401  (sets GPTQModel's environment before gptqmodel is imported)
+from qes.qlinear import (
+    GPTQLinear,
+    choose_backend,
+    compute_dtype,
+    int4pack_kernel_dtype,
+    make_backend,
+    unpack_along_rows,
+)
+
+log = logging.getLogger(__name__)
 
 __all__ = [
-    "LIVE_KERNELS",
     "QuantLinear",
     "codes_sha256",
     "layer_key",
@@ -78,12 +76,9 @@ __all__ = [
     "unpack_codes",
 ]
 
-#: Kernel classes whose forward pass reads ``qweight`` directly (no repacking, no cache).
-LIVE_KERNELS: tuple[str, ...] = ("TorchLinear",)
-
 _SUPPORTED_BITS = (2, 4, 8)
-# Attribute under which load_quantized keeps the checkpoint's own quantization_config for save_quantized.
-_SOURCE_QUANT_ATTR = "_qes_quantization_config"
+# Attribute under which load_quantized records the checkpoint folder a model came from (save_quantized copies it).
+_SOURCE_ATTR = "_qes_source"
 
 
 def layer_key(name: str) -> int:
@@ -104,12 +99,10 @@ def _shifts(bits: int, device: torch.device) -> torch.Tensor:
 
 def _unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:
     """Unpack int32 words ``[R, C]`` along dim 0 into codes ``[R * p, C]`` (int32 values in ``[0, 2^bits)``)."""
-    per_word = _check_bits(bits)
+    _check_bits(bits)
     if words.dtype != torch.int32 or words.dim() != 2:
         raise ValueError(f"expected a 2-d int32 tensor of packed codes, got {words.dtype} {tuple(words.shape)}")
-    mask = (1 << bits) - 1
-    shifted = torch.bitwise_right_shift(words.unsqueeze(1), _shifts(bits, words.device).view(1, per_word, 1))
-    return torch.bitwise_and(shifted, mask).reshape(words.shape[0] * per_word, words.shape[1])
+    return unpack_along_rows(words, bits)
 
 
 def _pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -142,12 +135,6 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return _pack_words(codes.t(), bits).contiguous()
 
 
-def _gptq_linear_base() -> type:
-    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
-
-    return BaseQuantLinear
-
-
 @dataclass(frozen=True, eq=False)
 class QuantLinear:
     """One GPTQ-quantized linear layer of a live model."""
@@ -171,8 +158,8 @@ class QuantLinear:
         if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int32 or tuple(qweight.shape) != expected:
             got = None if qweight is None else (qweight.dtype, tuple(qweight.shape))
             raise RuntimeError(
-                f"layer {self.name}: qweight is no longer in GPTQ layout (expected int32 {expected}, got {got}); "
-                f"kernel {type(self.module).__name__} repacked it. Load the model with qes.codes.load_quantized."
+                f"layer {self.name}: qweight is not in GPTQ layout (expected int32 {expected}, got {got}); "
+                f"load the model with qes.codes.load_quantized"
             )
         return qweight
 
@@ -186,42 +173,26 @@ class QuantLinear:
         return unpack_codes(self.qweight, self.bits)
 
 
-def quantized_linears(model: torch.nn.Module, *, strict: bool = True) -> list[QuantLinear]:
-    """Every GPTQ linear layer of ``model``, sorted by module name.
-
-    With ``strict`` (the default) every layer must use a kernel from :data:`LIVE_KERNELS`, so that writes into
-    ``qweight`` reach the forward pass. ``strict=False`` allows other kernels and skips the layout check:
-    ``qes.store`` reads ``TorchAtenLinear``'s repacked int4 layout, while ``QuantLinear.qweight`` (and so
-    :func:`codes_sha256`) still refuses a layer that is no longer in GPTQ layout.
-    """
-    base = _gptq_linear_base()
-    layers = []
-    for name, module in model.named_modules():
-        if not isinstance(module, base):
-            continue
-        kernel = type(module).__name__
-        if strict and kernel not in LIVE_KERNELS:
-            raise RuntimeError(
-                f"layer {name} uses kernel {kernel}, which does not read qweight at every forward pass "
-                f"(live kernels: {', '.join(LIVE_KERNELS)}); load the model with qes.codes.load_quantized"
-            )
-        layer = QuantLinear(
+def quantized_linears(model: torch.nn.Module) -> list[QuantLinear]:
+    """Every GPTQ linear layer of ``model`` (a :class:`qes.qlinear.GPTQLinear`), sorted by module name."""
+    layers = [
+        QuantLinear(
             name=name,
             module=module,
             bits=int(module.bits),
             in_features=int(module.in_features),
             out_features=int(module.out_features),
         )
-        if strict:
-            layer.qweight  # noqa: B018 - validates the layout now rather than at first use
-        layers.append(layer)
+        for name, module in model.named_modules()
+        if isinstance(module, GPTQLinear)
+    ]
     layers.sort(key=lambda layer: layer.name)
     return layers
 
 
 def _as_layers(model_or_layers: torch.nn.Module | Iterable[QuantLinear]) -> list[QuantLinear]:
     if isinstance(model_or_layers, torch.nn.Module):
-        return quantized_linears(model_or_layers, strict=False)
+        return quantized_linears(model_or_layers)
     return sorted(model_or_layers, key=lambda layer: layer.name)
 
 
@@ -243,101 +214,6 @@ def codes_sha256(model_or_layers: torch.nn.Module | Iterable[QuantLinear]) -> st
     return digest.hexdigest()
 
 
-def dequantize(module: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Dequantized weight ``W[in, out] = (q - zero[g_idx]) * scale[g_idx]`` of a GPTQ layer (live tensors).
-
-    Computed in float32 (exact for the integer difference, one rounding for the product) and cast to ``dtype``.
-    The module's ``qzeros`` must hold exact zero points (GPTQModel's in-memory format after loading).
-    """
-    bits = int(module.bits)
-    in_features = int(module.in_features)
-    codes = _unpack_words(module.qweight, bits)[:in_features]  # [I, O]
-    zeros = _unpack_words(module.qzeros.t().contiguous(), bits).t()  # [I/g, O]
-    g_idx = module.g_idx.to(torch.long)
-    weight = (codes - zeros[g_idx]).to(torch.float32) * module.scales.to(torch.float32)[g_idx]
-    return weight.to(dtype)
-
-
-def _weight_state(module: torch.nn.Module, x: torch.Tensor) -> tuple | None:
-    """What the cached dequantized weight depends on; ``None`` when it cannot be tracked (inference tensors)."""
-    try:
-        tensors = (module.qweight, module.qzeros, module.scales, module.g_idx)
-        return (*((t.data_ptr(), t._version) for t in tensors), x.dtype, x.device)
-    except RuntimeError:  # tensors created under torch.inference_mode() carry no version counter
-        return None
-
-
-def _cached_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Forward pass of a GPTQ layer that dequantizes once and reuses the weight until a GPTQ tensor changes.
-
-    Every in-place write through torch (``copy_``, indexing assignment, ``xor_``...) bumps the tensor's version
-    counter, so the next call sees the new codes without any explicit refresh.
-    """
-    state = _weight_state(self, x)
-    weight = self.__dict__.get("_qes_weight")
-    if weight is None or state is None or self.__dict__.get("_qes_weight_state") != state:
-        weight = dequantize(self, x.dtype).to(x.device)
-        if state is not None:
-            self.__dict__["_qes_weight"] = weight
-            self.__dict__["_qes_weight_state"] = state
-    out_shape = (*x.shape[:-1], int(self.out_features))
-    out = torch.matmul(x.reshape(-1, x.shape[-1]), weight)
-    if self.bias is not None:
-        out = out + self.bias.to(out.dtype)
-    return out.reshape(out_shape)
-
-
-def _install_cached_forward(model: torch.nn.Module) -> None:
-    base = _gptq_linear_base()
-    for module in model.modules():
-        if not isinstance(module, base):
-            continue
-        if getattr(module, "adapter", None) is not None or getattr(module, "rotation", None):
-            continue  # adapters and input rotations need the kernel's own forward
-        if type(module).__name__ not in LIVE_KERNELS:
-            continue  # e.g. TorchAtenLinear under kernel="fast" keeps its own int4 matmul
-        module.forward = types.MethodType(_cached_forward, module)
-
-
-def refresh(model: torch.nn.Module) -> None:
-    """Drop every cached dequantized weight, so the next forward pass reads ``qweight`` again.
-
-    Not needed after in-place torch writes to a model from :func:`load_quantized` (its cache follows the
-    tensors' version counters); call it after writing through another path (e.g. a numpy view of ``qweight``)
-    or to free the cache's memory.
-    """
-    base = _gptq_linear_base()
-    for module in model.modules():
-        if not isinstance(module, base):
-            continue
-        module.__dict__.pop("_qes_weight", None)
-        module.__dict__.pop("_qes_weight_state", None)
-        for hook in ("clear_weight_cache", "_reset_prefetch_state"):
-            fn = getattr(module, hook, None)
-            if callable(fn):
-                fn()
-
-
-def _disable_kernel_caches(model: torch.nn.Module) -> None:
-    for module in model.modules():
-        if hasattr(module, "_cache_enabled"):
-            module._cache_enabled = False
-        if callable(getattr(module, "enable_lookahead", None)):
-            module.enable_lookahead(False)
-    refresh(model)
-
-
-def _resolve_dtype(dtype: torch.dtype | str, device: str | torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
-    return resolved
-
-
 def read_quantization_config(path: str | Path) -> dict[str, Any]:
     """The ``quantization_config`` block of a checkpoint's config.json (raises if it is not a GPTQ checkpoint)."""
     config_file = Path(path) / "config.json"
@@ -349,117 +225,264 @@ def read_quantization_config(path: str | Path) -> dict[str, Any]:
     return quant
 
 
+@dataclass(frozen=True)
+class Scheme:
+    """What the checkpoint's quantization_config promises about every GPTQ layer."""
+
+    bits: int
+    group_size: int
+    zeros_stored_minus_one: bool
+
+    @classmethod
+    def from_config(cls, path: str | Path, quant: dict[str, Any]) -> Scheme:
+        def refuse(what: str) -> ValueError:
+            return ValueError(f"{path}: {what}; qes runs GPTQ checkpoints with int32 packing, 2/4/8 bits, "
+                              f"no act-order, format gptq or gptq_v2")
+
+        bits = int(quant.get("bits", 0))
+        if bits not in _SUPPORTED_BITS:
+            raise refuse(f"quantization_config.bits is {quant.get('bits')!r}")
+        if quant.get("desc_act"):
+            raise refuse("quantization_config.desc_act is true (act-order reorders the inputs)")
+        fmt = quant.get("checkpoint_format", quant.get("format", "gptq"))
+        if fmt not in ("gptq", "gptq_v2"):
+            raise refuse(f"checkpoint_format is {fmt!r} (a kernel-specific packing)")
+        if quant.get("pack_dtype", "int32") not in ("int32", "torch.int32"):
+            raise refuse(f"pack_dtype is {quant.get('pack_dtype')!r}")
+        group = int(quant.get("group_size", -1))
+        return cls(bits=bits, group_size=group, zeros_stored_minus_one=fmt == "gptq")
+
+
+_GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def _shard_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{path} holds no model.safetensors (nor an index of shards)")
+    return [single]
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in _shard_files(path):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def _gptq_module(name: str, linear: torch.nn.Module, tensors: dict[str, torch.Tensor], scheme: Scheme) -> GPTQLinear:
+    """A GPTQLinear filled from the checkpoint's tensors of layer ``name``, after checking every shape."""
+    if not isinstance(linear, torch.nn.Linear):
+        raise ValueError(f"layer {name}: the checkpoint quantizes it, but the architecture has a "
+                         f"{type(linear).__name__} there, not a Linear")
+    in_f, out_f, bits = linear.in_features, linear.out_features, scheme.bits
+    group = in_f if scheme.group_size in (-1, 0) else scheme.group_size
+    if in_f % group or in_f % (32 // bits) or out_f % (32 // bits):
+        raise ValueError(f"layer {name}: {out_f}x{in_f} does not fit group size {group} and {bits}-bit packing")
+    module = GPTQLinear(in_f, out_f, bits, group, bias=f"{name}.bias" in tensors)
+    for attr in _GPTQ_TENSORS:
+        found = tensors.get(f"{name}.{attr}")
+        want: torch.Tensor = getattr(module, attr)
+        if found is None:
+            raise ValueError(f"layer {name}: the checkpoint has no {attr}")
+        dtype_ok = found.dtype == want.dtype or (attr == "scales" and found.is_floating_point())
+        if tuple(found.shape) != tuple(want.shape) or not dtype_ok:
+            raise ValueError(f"layer {name}: {attr} is {found.dtype} {tuple(found.shape)}, expected {want.dtype} "
+                             f"{tuple(want.shape)} (GPTQ layout, {bits}-bit codes, group size {group}); "
+                             f"a repacked kernel layout cannot be trained exactly")
+        want.copy_(found)
+    if not torch.equal(module.g_idx.long(), torch.arange(in_f) // group):
+        raise ValueError(f"layer {name}: g_idx is not i // {group} (act-order or a permuted group order), "
+                         f"which qes does not run")
+    if scheme.zeros_stored_minus_one:
+        zeros = unpack_along_rows(module.qzeros.t().contiguous(), bits)
+        module.qzeros.copy_(_pack_words(torch.bitwise_and(zeros + 1, (1 << bits) - 1), bits).t())
+    if module.bias is not None:
+        module.bias.data = tensors[f"{name}.bias"].to(torch.float32)
+    return module
+
+
+def _choose_backends(model: torch.nn.Module, requested: str, device: torch.device, dtype: torch.dtype,
+                     kernel_dtype: torch.dtype) -> dict:
+    """Give every GPTQ layer its backend; returns {backend name: layer count}."""
+    from qes.qlinear import int4pack_layout
+
+    counts: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, GPTQLinear):
+            continue
+        chosen = choose_backend(requested, module.bits, device)
+        if chosen == "int4pack":
+            try:
+                int4pack_layout(module.out_features, module.in_features)
+                if module.group_size not in (32, 64, 128, 256):
+                    raise ValueError(f"group size {module.group_size} is not one of 32, 64, 128, 256")
+            except ValueError as error:
+                if requested == "int4pack":
+                    raise ValueError(f"layer {name}: backend int4pack cannot run it: {error}") from None
+                log.info("layer %s: %s; using the dense backend", name, error)
+                chosen = "dense"
+        module.use_backend(make_backend(chosen, kernel_dtype if chosen == "int4pack" else dtype))
+        counts[chosen] = counts.get(chosen, 0) + 1
+    return counts
+
+
 def load_quantized(
     path: str | Path,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = "auto",
     *,
-    cache_weights: bool = True,
-    kernel: str = "live",
+    backend: str = "auto",
 ) -> tuple[torch.nn.Module, Any]:
-    """Load a GPTQ checkpoint through transformers with live-code kernels; returns ``(model, tokenizer)``.
+    """Load a GPTQ checkpoint with the project's quantized linear; returns ``(model, tokenizer)``.
 
-    ``kernel="fast"`` instead keeps GPTQModel's automatic kernel choice (on CPU, INT4 layers become
-    ``TorchAtenLinear``, about 1.5x faster at generation and without a float weight copy). Its codes are
-    then only reachable through :class:`qes.engine.Engine`, whose stores know that kernel's layout; use
-    it for training and evaluation, and the default ``"live"`` kernels for anything that reads
-    ``QuantLinear.qweight`` or saves the model.
-
-    ``dtype="auto"`` means float32 on CPU and bfloat16 on CUDA. The model is in eval mode and every GPTQ layer
-    is a GPTQModel ``TorchLinear`` (backend ``torch``), whose GPTQ tensors stay in GPTQ layout.
-
-    With ``cache_weights`` (the default) each layer's forward pass dequantizes its codes once and reuses the
-    float weight until ``qweight``, ``qzeros``, ``scales`` or ``g_idx`` changes -- detected through the tensors'
-    version counters, so in-place writes take effect at the next forward pass with no explicit refresh.
-    ``cache_weights=False`` keeps GPTQModel's own forward, which dequantizes at every call (much slower).
+    The architecture comes from transformers (built without weights), every GPTQ linear becomes a
+    :class:`qes.qlinear.GPTQLinear` filled from the checkpoint, and every other tensor is loaded in
+    ``dtype``: ``auto`` is bfloat16 on CUDA and on CPUs with native bf16, float32 elsewhere
+    (:func:`qes.qlinear.compute_dtype`). ``backend`` picks the forward path (``auto``, ``int4pack``,
+    ``dense``; see :mod:`qes.qlinear`); under ``auto`` a layer whose shape torch's int4 packing cannot hold
+    exactly runs dense; ``backend="none"`` loads the codes only, with no forward path (replay, hashing).
+    The model is in eval mode; :func:`describe_compute` tells its device, dtype and backends.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    if kernel not in ("live", "fast"):
-        raise ValueError(f"kernel must be 'live' or 'fast', got {kernel!r}")
-    quant = read_quantization_config(path)
-    torch_dtype = _resolve_dtype(dtype, device)
-    backend = {"backend": "torch"} if kernel == "live" else {}
-    with warnings.catch_warnings():
-        # transformers warns that only the load-time attributes (the backend) of the passed config are used.
-        warnings.filterwarnings("ignore", message=".*already has a `quantization_config` attribute.*")
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path),
-            dtype=torch_dtype,
-            device_map=str(device),
-            quantization_config=GPTQConfig(bits=int(quant["bits"]), **backend),
-        )
-    model.eval()
-    setattr(model, _SOURCE_QUANT_ATTR, quant)
-    _disable_kernel_caches(model)
-    quantized_linears(model, strict=kernel == "live")  # raises if a layer did not get a live kernel
-    if cache_weights:
-        _install_cached_forward(model)
+    path = Path(path)
+    scheme = Scheme.from_config(path, read_quantization_config(path))
+    config = AutoConfig.from_pretrained(str(path))
+    model = assemble_quantized(config, _read_tensors(path), scheme, device, dtype, backend, source=path)
+    setattr(model, _SOURCE_ATTR, str(path))
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
+    log.info("loaded %s: %s", path, json.dumps(model.qes_compute))
     return model, tokenizer
 
 
-def _zeros_to_disk(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
-    """In-memory (exact) packed zero points -> on-disk convention (zero - 1, modulo 2^bits)."""
-    zeros = _unpack_words(qzeros.t().contiguous(), bits)  # [O, I/g]
-    on_disk = torch.bitwise_and(zeros - 1, (1 << bits) - 1)
-    return _pack_words(on_disk, bits).t().contiguous()
+def assemble_quantized(
+    config: Any,
+    tensors: dict[str, torch.Tensor],
+    scheme: Scheme,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = "auto",
+    backend: str = "auto",
+    source: str | Path = "<memory>",
+) -> torch.nn.Module:
+    """A model of ``config``'s architecture from GPTQ checkpoint tensors (``*.qweight`` etc. and the rest).
+
+    What :func:`load_quantized` does after reading the files; also builds synthetic models in memory.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+    torch_dtype = compute_dtype(dtype, device)
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    names = sorted(key[: -len(".qweight")] for key in tensors if key.endswith(".qweight"))
+    if not names:
+        raise ValueError(f"{source}: no GPTQ layers (no *.qweight tensors) in the checkpoint")
+    owned = set()
+    for name in names:
+        model.set_submodule(name, _gptq_module(name, model.get_submodule(name), tensors, scheme))
+        owned.update(f"{name}.{attr}" for attr in (*_GPTQ_TENSORS, "bias"))
+    rest = {k: (v.to(torch_dtype) if v.is_floating_point() else v) for k, v in tensors.items() if k not in owned}
+    _, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    model.tie_weights()
+    unloaded = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]
+    if unexpected or unloaded:
+        raise ValueError(f"{source}: checkpoint and architecture disagree: not in the architecture "
+                         f"{sorted(unexpected)[:3]}, missing from the checkpoint {sorted(unloaded)[:3]}")
+    model.to(device)
+    model.eval()
+    kernel_dtype = int4pack_kernel_dtype(dtype, torch_dtype)
+    backends = _choose_backends(model, backend, device, torch_dtype, kernel_dtype)
+    model.qes_compute = _compute_record(device, torch_dtype, backends)
+    if "int4pack" in backends:
+        model.qes_compute["int4pack_dtype"] = str(kernel_dtype).removeprefix("torch.")
+    return model
+
+
+def _compute_record(device: torch.device, dtype: torch.dtype, backends: dict[str, int]) -> dict[str, Any]:
+    from qes.qlinear import cpu_runs_bf16_natively
+
+    record: dict[str, Any] = {
+        "device": device.type,
+        "dtype": str(dtype).removeprefix("torch."),
+        "backends": backends,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16": cpu_runs_bf16_natively(),
+    }
+    if device.type == "cuda":
+        record["gpu"] = torch.cuda.get_device_name(device)
+    return record
 
 
 def zero_points(layer: QuantLinear) -> torch.Tensor:
     """Exact zero points of a loaded layer as ``[I/g, O]`` int32."""
-    return _unpack_words(layer.module.qzeros.detach().to("cpu").t().contiguous(), layer.bits).t().contiguous()
+    return layer.module.zero_points().to("cpu").contiguous()
 
 
-def save_quantized(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    out_dir: str | Path,
-    *,
-    max_shard_size: str = "2GB",
-) -> Path:
-    """Write a loaded GPTQ model in the on-disk GPTQ format (zero points stored minus one).
+def refresh(model: torch.nn.Module) -> None:
+    """Rebuild every forward cache from the GPTQ tensors.
 
-    ``save_quantized`` then :func:`load_quantized` gives identical :func:`codes_sha256` and identical logits.
-    The folder is written next to ``out_dir`` first and renamed into place, so a failure leaves no partial
-    output. An existing ``out_dir`` is replaced.
+    Not needed after in-place torch writes (the layers notice them through the tensors' version counters)
+    nor after the engine's updates; only after writes that bypass torch, e.g. through a numpy view.
     """
+    for module in model.modules():
+        if isinstance(module, GPTQLinear):
+            module.refresh()
+
+
+def describe_compute(model: torch.nn.Module) -> dict[str, Any]:
+    """Where and how a model from :func:`load_quantized` computes: device, dtype, backends, CPU capability."""
+    return dict(getattr(model, "qes_compute", {}))
+
+
+def save_quantized(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
+    """Write the model's current codes as a GPTQ checkpoint: the source checkpoint with new ``qweight`` tensors.
+
+    Everything else (zero points in the on-disk convention, scales, embeddings, config, their dtypes) is
+    copied from the folder the model was loaded from, so ``save_quantized`` then :func:`load_quantized`
+    gives identical :func:`codes_sha256` and identical logits. The folder is written next to ``out_dir``
+    and renamed into place, so a failure leaves no partial output; an existing ``out_dir`` is replaced.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     from qes.fsutil import atomic_dir
 
-    layers = quantized_linears(model, strict=False)
-    if not layers:
-        raise ValueError("model has no GPTQ-quantized layers to save")
-    # Swap the on-disk zero points in for the duration of the write (transformers serialises the live
-    # buffers; a state_dict argument is not honoured for quantized models), then put the originals back.
-    swapped = []
-    for layer in layers:
-        module = layer.module
-        fmt = module.qzero_format() if callable(getattr(module, "qzero_format", None)) else 2
-        if fmt == 2:
-            swapped.append((module, module.qzeros))
-            module.qzeros = _zeros_to_disk(module.qzeros.detach(), layer.bits)
-    out_dir = Path(out_dir)
-    try:
-        with atomic_dir(out_dir) as tmp:
-            model.save_pretrained(tmp, max_shard_size=max_shard_size)
-            _write_quantization_config(tmp / "config.json", getattr(model, _SOURCE_QUANT_ATTR, None))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-    finally:
-        for module, qzeros in swapped:
-            module.qzeros = qzeros
-    return out_dir
-
-
-def _write_quantization_config(config_file: Path, source: dict[str, Any] | None) -> None:
-    """Write the checkpoint's own quantization settings (not the load-time ones) into a saved config.json."""
-    config = json.loads(config_file.read_text())
-    if source is not None:
-        quant = dict(source)
-    else:
-        quant = {k: v for k, v in (config.get("quantization_config") or {}).items() if v is not None}
-    for key in ("backend", "use_exllama", "exllama_config", "max_input_length"):
-        quant.pop(key, None)
-    quant["checkpoint_format"] = "gptq"
-    config["quantization_config"] = quant
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    source = getattr(model, _SOURCE_ATTR, None)
+    if source is None:
+        raise ValueError("the model was not loaded with qes.codes.load_quantized; nothing to save it from")
+    source = Path(source)
+    layers = {layer.name: layer for layer in quantized_linears(model)}
+    written = set()
+    with atomic_dir(out_dir) as tmp:
+        for item in source.iterdir():
+            if item.is_file() and item.suffix != ".safetensors" and not item.name.endswith("_report.json"):
+                shutil.copy2(item, tmp / item.name)
+        for shard in _shard_files(source):
+            with safe_open(str(shard), framework="pt") as handle:
+                metadata = handle.metadata()
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            for key in tensors:
+                name = key[: -len(".qweight")]
+                if key.endswith(".qweight") and name in layers:
+                    tensors[key] = layers[name].qweight.detach().to("cpu").contiguous()
+                    written.add(name)
+            save_file(tensors, str(tmp / shard.name), metadata=metadata)
+        if written != set(layers):
+            raise ValueError(f"{source} lacks the qweight of {sorted(set(layers) - written)[:3]}")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)

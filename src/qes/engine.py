@@ -27,7 +27,7 @@ import torch
 
 from qes.codes import QuantLinear
 from qes.noise import BlockTable, NoiseSpec, table_noise
-from qes.store import Arena, prepare_layout
+from qes.store import Arena
 from qes.update import (
     GAMMA_BITS,
     RESIDUAL_BITS,
@@ -108,18 +108,19 @@ class Engine:
         group: list[QuantLinear] = []
         kind = None
         for layer in self.layers:
-            layer_kind = (prepare_layout(layer), layer.bits)
+            backend = layer.module.backend
+            layer_kind = (backend.name if backend is not None else None, layer.bits)
             size = sum(x.num_codes for x in group)
             if group and (layer_kind != kind or size + layer.num_codes > self.update.chunk_codes):
-                self.chunks.append(self._chunk(group, kind[0]))
+                self.chunks.append(self._chunk(group))
                 group = []
             group.append(layer)
             kind = layer_kind
-        self.chunks.append(self._chunk(group, kind[0]))
+        self.chunks.append(self._chunk(group))
         self.history = deque(maxlen=self.update.window)
 
-    def _chunk(self, layers: list[QuantLinear], layout: str) -> _Chunk:
-        arena = Arena(layers, layout)
+    def _chunk(self, layers: list[QuantLinear]) -> _Chunk:
+        arena = Arena(layers)
         device = arena.flat.device
         chunk = _Chunk(arena, BlockTable.build([x.key for x in layers], [x.num_codes for x in layers], device))
         if self.update.mode == "stored":
@@ -131,7 +132,7 @@ class Engine:
         return sum(chunk.size for chunk in self.chunks)
 
     def codes_sha256(self) -> str:
-        """The qes.codes.codes_sha256 of the current codes, whatever layout the kernels use."""
+        """The qes.codes.codes_sha256 of the current codes."""
         digest = hashlib.sha256()
         for chunk in self.chunks:  # chunks hold consecutive layers in name order
             for j, layer in enumerate(chunk.arena.layers):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,18 +19,24 @@ class EvaluateConfig:
     batch_size: int = 32
     limit: int | None = None
     device: str = "auto"
+    backend: str = "auto"
+    dtype: str = "auto"
 
 
 def evaluate_model(model_dir: str | Path, eval_parquet: str | Path, cfg: EvaluateConfig,
                    metrics_path: Path, examples_path: str | Path) -> dict:
-    from qes.codes import load_quantized
+    from qes.codes import describe_compute, load_quantized
     from qes.train import resolve_device
 
-    model, tokenizer = load_quantized(model_dir, device=resolve_device(cfg.device), kernel="fast")
+    model, tokenizer = load_quantized(model_dir, device=resolve_device(cfg.device), dtype=cfg.dtype,
+                                      backend=cfg.backend)
+    compute = describe_compute(model)
+    logging.getLogger(__name__).info("evaluating %s on %s", model_dir, compute)
     require_quantized(model)
     batch = load_batch(tokenizer, eval_parquet, cfg.limit)
     generation = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    return evaluate_heldout(model, batch, generation, metrics_path, examples_path, extra={"model": str(model_dir)})
+    extra = {"model": str(model_dir), **compute}
+    return evaluate_heldout(model, batch, generation, metrics_path, examples_path, extra=extra)
 
 
 def compare(base_dir: str | Path, tuned_dir: str | Path, eval_parquet: str | Path, cfg: EvaluateConfig,

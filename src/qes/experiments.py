@@ -15,6 +15,10 @@ import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qes.evaluate import EvaluateConfig
 
 #: method name -> residual mode of the finetune stage
 METHODS = {"quzo": "none", "stored": "stored", "replay": "replay"}
@@ -117,13 +121,12 @@ def summarize_sweep(metrics: dict[str, str | Path], cfg: ExperimentConfig) -> di
             "criterion": "mean training reward over the last half of the sweep iterations (held-out set unused)"}
 
 
-def evaluate_all(base_dir: str | Path, tuned: dict[str, str | Path], eval_parquet: str | Path, max_new_tokens: int,
-                 batch_size: int, limit: int | None, device: str, out_dir: str | Path) -> dict[str, dict]:
+def evaluate_all(base_dir: str | Path, tuned: dict[str, str | Path], eval_parquet: str | Path,
+                 cfg: EvaluateConfig, out_dir: str | Path) -> dict[str, dict]:
     """Held-out metrics of the base model and of every tuned model (same prompts), one JSON each."""
-    from qes.evaluate import EvaluateConfig, evaluate_model
+    from qes.evaluate import evaluate_model
 
     out_dir = Path(out_dir)
-    cfg = EvaluateConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, device=device)
     results = {}
     for name, model_dir in {"base": base_dir, **tuned}.items():
         results[name] = evaluate_model(model_dir, eval_parquet, cfg, out_dir / f"{name}.json",

@@ -217,10 +217,10 @@ def score(model: Any, batch: PromptBatch, cfg: GenerationConfig) -> FitnessResul
 
 
 def quant_linear_names(model: torch.nn.Module) -> list[str]:
-    """Names of the model's GPTQ quantized linear modules (gptqmodel kernels)."""
-    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+    """Names of the model's GPTQ quantized linear modules."""
+    from qes.qlinear import GPTQLinear
 
-    return [name for name, m in model.named_modules() if isinstance(m, BaseQuantLinear)]
+    return [name for name, m in model.named_modules() if isinstance(m, GPTQLinear)]
 
 
 def require_quantized(model: torch.nn.Module) -> None:

@@ -32,10 +32,10 @@ def layer_manifest(layers: list[QuantLinear]) -> list[dict]:
 def engine_for_log(model: torch.nn.Module, seedlog: SeedLog) -> Engine:
     """An engine over `model` configured from the log, after checking layers and base hash.
 
-    Any GPTQ kernel will do (the engine fixes each layer's layout itself), so a model loaded with
-    load_quantized(kernel="fast") for training resumes as well as a live one.
+    Any backend will do: the engine changes the GPTQ integers and keeps every backend's cache in step,
+    so a log replays to the same codes whichever forward path the model was loaded with.
     """
-    layers = quantized_linears(model, strict=False)
+    layers = quantized_linears(model)
     found = layer_manifest(layers)
     if found != seedlog.meta["layers"]:
         have = {x["name"]: x for x in found}
@@ -80,7 +80,7 @@ def replay_checkpoint(base: str | Path, log_dir: str | Path, out_dir: str | Path
     """`qes replay`: base checkpoint + seed log -> verified tuned GPTQ checkpoint in out_dir."""
     started = time.perf_counter()
     seedlog = SeedLog.open(log_dir)
-    model, tokenizer = load_quantized(base)
+    model, tokenizer = load_quantized(base, backend="none")
     engine = engine_for_log(model, seedlog)
     iterations = replay_steps(engine, seedlog)
     final = engine.codes_sha256()

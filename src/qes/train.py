@@ -275,10 +275,18 @@ class FinetuneConfig:
     batch_prompts: int = 16
     max_new_tokens: int = 64
     device: str = "auto"
+    backend: str = "auto"
+    dtype: str = "auto"
     ranks: int = 1
     launcher: str = "torchrun"
 
     def __post_init__(self) -> None:
+        from qes.qlinear import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise ValueError(f"finetune.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"finetune.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.ranks < 1 or self.ranks > self.train.population:
             raise ValueError(f"finetune.ranks must be in [1, population={self.train.population}], got {self.ranks}")
         if self.launcher not in ("torchrun", "srun"):
@@ -314,13 +322,14 @@ def finetune(
     on_iteration: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run (or resume) QES on a quantized checkpoint with the task's training prompts."""
-    from qes.codes import load_quantized, quantized_linears
+    from qes.codes import describe_compute, load_quantized, quantized_linears
     from qes.dist import close_ranks, init_ranks
     from qes.fitness import GenerationConfig, load_batch, score
 
     device = resolve_device(cfg.device)
     ranks = init_ranks(device)
-    model, tokenizer = load_quantized(quantized_dir, device=device, kernel="fast")
+    model, tokenizer = load_quantized(quantized_dir, device=device, dtype=cfg.dtype, backend=cfg.backend)
+    log.info("finetune on %s", json.dumps(describe_compute(model)))
     full = load_batch(tokenizer, train_parquet)
     generation = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_prompts)
     cache: dict[int, object] = {}
@@ -345,12 +354,13 @@ def finetune(
         "batch_prompts": cfg.batch_prompts,
         "max_new_tokens": cfg.max_new_tokens,
     }
-    layers = quantized_linears(model, strict=False)
+    layers = quantized_linears(model)
     try:
         final = train(model, layers, fitness, cfg.train, run_dir, extra, on_iteration, ranks)
     finally:
         close_ranks(ranks)
-    return _summary(run_dir, final, cfg, device, time.perf_counter() - started)
+    summary = _summary(run_dir, final, cfg, device, time.perf_counter() - started)
+    return {**summary, "compute": describe_compute(model)}
 
 
 def _summary(run_dir: str | Path, final: str, cfg: FinetuneConfig, device: str, seconds: float) -> dict:
@@ -405,7 +415,7 @@ def finetune_config(values: dict) -> FinetuneConfig:
     residual = dict(values.pop("residual", {}))
     if "clamp" in residual:
         residual["residual_clamp"] = residual.pop("clamp")
-    stage_keys = ("batch_prompts", "max_new_tokens", "device", "ranks", "launcher")
+    stage_keys = ("batch_prompts", "max_new_tokens", "device", "backend", "dtype", "ranks", "launcher")
     outer = {k: values.pop(k) for k in stage_keys if k in values}
     values.pop("run", None)
     unknown = set(values) - set(TrainConfig.__dataclass_fields__)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run by `snakemake --use-conda` inside the new environment of envs/qes.yaml, from the workflow's working
+# Run by `snakemake --use-conda` inside the new environment of envs/qes-cuda.yaml, from the workflow's working
 # directory (the checkout). Installs the bundled-model package without its unused dependencies and the qes
 # library itself (editable, so library changes need no new environment).
 set -euo pipefail

@@ -1,0 +1,97 @@
+"""benchmarks/gpu_check.py end to end: the tiny size on the CPU, and on CUDA where there is a GPU.
+
+The script runs as a subprocess, exactly as a user runs it; the assertions read its real output (the
+markdown table on stdout and the ``--json`` file).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "benchmarks" / "gpu_check.py"
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def run_check(device: str, out: Path, timeout: float) -> tuple[subprocess.CompletedProcess, dict]:
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", device, "--size", "tiny", "--json", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    return result, json.loads(out.read_text())
+
+
+def table_rows(stdout: str, size: str) -> dict[str, tuple[str, str, str]]:
+    """Rows of the report's table for one size: measurement -> (value, target, result)."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 5 and cells[0] == size:
+            rows[cells[1]] = (cells[2], cells[3], cells[4])
+    return rows
+
+
+def row(rows: dict[str, tuple[str, str, str]], starts: str) -> tuple[str, str, str]:
+    found = [v for k, v in rows.items() if k.startswith(starts)]
+    assert len(found) == 1, f"no single row starting with {starts!r} in {list(rows)}"
+    return found[0]
+
+
+def test_tiny_on_cpu(tmp_path):
+    result, data = run_check("cpu", tmp_path / "check.json", timeout=240)
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("device: CPU, capability ")
+    assert lines[1].startswith(f"torch {torch.__version__}")
+    assert lines[2].startswith("command: `python benchmarks/gpu_check.py --device cpu --size tiny")
+    assert sum(1 for line in lines if line.startswith("|---")) == 1, "one table"
+
+    rows = table_rows(result.stdout, "tiny")
+    cpu_hash = row(rows, "codes hash after")[0]
+    run_value, _, run_ok = row(rows, "codes hash, device run")
+    replay_value, _, replay_ok = row(rows, "codes hash, device replay")
+    assert HEX64.match(cpu_hash)
+    assert cpu_hash == run_value == replay_value
+    assert run_ok == replay_ok == "ok"
+    base_cpu, base_device = row(rows, "base codes hash")[0].split(" / ")
+    assert HEX64.match(base_cpu) and base_cpu == base_device
+    assert cpu_hash != base_cpu, "the fixed steps changed the codes"
+
+    dense_value, _, dense_ok = row(rows, "dense cache = full dequantization")
+    layers = int(dense_value.split("/")[1].split()[0])
+    assert layers == 14 and dense_value.startswith(f"{layers}/{layers} layers") and dense_ok == "ok"
+    assert row(rows, "activations finite")[2] == "ok"
+    assert row(rows, "codes changed")[2] == "ok"
+    assert row(rows, "fitness throughput")[2] in ("met", "missed")
+
+    # the same numbers in the JSON file: positive and finite
+    assert data["passed"] is True and data["gptqmodel_imported"] is False
+    [res] = data["sizes"]
+    assert all(res["checks"].values()), res["checks"]
+    assert res["hash_cpu"] == res["run_hash_device"] == res["replay_hash_device"] == cpu_hash
+    assert res["steps"] >= 2 and res["changed_codes"] > 0
+    for key in ("qes_tokens_per_s", "plain_tokens_per_s", "throughput_ratio", "perturb_restore_s", "fitness_s",
+                "update_s", "perturb_restore_vs_fitness", "update_vs_fitness", "iteration_overhead",
+                "peak_rss_bytes", "replay_s_per_step_cpu", "logits_std"):
+        assert math.isfinite(res[key]) and res[key] > 0, (key, res[key])
+    assert res["qes_tokens"] == res["plain_tokens"] == 4 * 16, "every row generates all its tokens"
+    assert "memory_ratio" not in res and row(rows, "peak memory")[2] == "n/a", "no device memory on a CPU"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tiny_on_cuda_matches_cpu(tmp_path):
+    _, data = run_check("cuda", tmp_path / "check.json", timeout=300)
+    [res] = data["sizes"]
+    assert res["base_hash_cpu"] == res["base_hash_device"]
+    assert HEX64.match(res["hash_cpu"])
+    assert res["hash_cpu"] == res["run_hash_device"] == res["replay_hash_device"]
+    assert res["dense_cache_exact_layers"] == res["dense_cache_layers"]
+    assert res["finite"] and res["memory_ratio"] > 0
