@@ -32,9 +32,11 @@ ROWS = {
     "auto (default)": ("auto", "auto"),
     "int4pack, bfloat16": ("int4pack", "bfloat16"),
     "dense, float32": ("dense", "float32"),
-    "dense, bfloat16": ("dense", "bfloat16"),
 }
-SLOW_ROW = ("int4pack, float32 (float32 int4 kernel)", ("int4pack", "float32"))
+MORE_ROWS = {
+    "dense, bfloat16": ("dense", "bfloat16"),
+    "int4pack, float32 (float32 int4 kernel)": ("int4pack", "float32"),
+}
 
 
 def perturb_restore_seconds(model: torch.nn.Module, sigma: float, members: int = 4) -> float:
@@ -52,12 +54,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sigma", type=float, default=0.01)
-    parser.add_argument("--with-float32-kernel", action="store_true", help="add int4pack with a float32 kernel")
+    parser.add_argument("--all", action="store_true", help="also dense in bf16 and int4pack with a float32 kernel")
     args = parser.parse_args()
 
-    rows = dict(ROWS)
-    if args.with_float32_kernel:
-        rows[SLOW_ROW[0]] = SLOW_ROW[1]
+    rows = {**ROWS, **(MORE_ROWS if args.all else {})}
     models = {name: load_quantized(args.model, backend=b, dtype=d) for name, (b, d) in rows.items()}
     tokenizer = next(iter(models.values()))[1]
     settings = TaskSettings()

@@ -129,6 +129,7 @@ def main() -> None:
             log.append(LoggedStep(step, tuple(0.1 * (i % 3) for i in range(50)), "f" * 64 if t % 5 == 4 else None))
         log_bytes = log.bytes_per_iteration()
 
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"model {args.model}: {num_codes:,} codes, sigma {args.sigma}, density {noise.density:.5f}, "
           f"threads {torch.get_num_threads()}\n")
     print("| measurement | seconds |")

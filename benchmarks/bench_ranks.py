@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     results = measure(args.model, args.train, args.iterations, args.threads, args.config)
     same = results[0]["codes_sha256"] == results[1]["codes_sha256"]
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"final codes_sha256: 1 rank {results[0]['codes_sha256'][:16]}, 2 ranks {results[1]['codes_sha256'][:16]}"
           f" ({'identical' if same else 'different'})\n")
     print(table(results))

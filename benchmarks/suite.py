@@ -254,8 +254,8 @@ def scaling(repeats: int, sizes: list[int]) -> str:
 
 def machine() -> str:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), {device}")
+    return (f"{platform.processor() or platform.machine()}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {device}")
 
 
 def main() -> None:

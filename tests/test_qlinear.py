@@ -220,3 +220,27 @@ def test_int4pack_under_each_instruction_set(tiny_gptq, capability: str) -> None
     assert out["int4pack_hash"] == out["dense_hash"]
     a, b = torch.tensor(out["int4pack"]), torch.tensor(out["dense"])
     assert _relative_error(a, b) < 0.02
+
+
+def test_a_seed_log_replays_to_one_hash_under_every_backend(tiny_gptq, tmp_path: Path) -> None:
+    """Train with int4pack, replay the log onto models loaded with each backend: replay touches integers only."""
+    from qes.replay import engine_for_log, replay_steps
+    from qes.seedlog import SeedLog
+    from qes.train import TrainConfig, train
+
+    model, _ = qc.load_quantized(tiny_gptq(4), backend="int4pack")
+
+    def fitness(t: int) -> float:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(PROMPT).logits[0, :-1].float(), -1)
+        return float(logp.gather(1, PROMPT[0, 1:, None]).mean())
+
+    cfg = TrainConfig(iterations=4, population=4, sigma=0.3, alpha=0.2, checkpoint_every=2,
+                      update=UpdateConfig(mode="replay", window=2))
+    final = train(model, qc.quantized_linears(model), fitness, cfg, tmp_path / "run")
+    seedlog = SeedLog.open(tmp_path / "run")
+    for backend in ("dense", "int4pack", "none"):
+        replayed, _ = qc.load_quantized(tiny_gptq(4), backend=backend)
+        engine = engine_for_log(replayed, seedlog)
+        replay_steps(engine, seedlog)  # verifies the checkpoint hashes on the way
+        assert engine.codes_sha256() == final == qc.codes_sha256(replayed)

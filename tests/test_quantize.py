@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,6 +102,8 @@ def test_calibration_prompts_are_deterministic_and_disjoint_from_heldout() -> No
 def test_report_of_tiny_quantization(tiny_gptq_dir: Path) -> None:
     report = json.loads((tiny_gptq_dir / "quant_report.json").read_text())
     assert report["bits"] in (4, 8) and report["group_size"] == 32
+    assert report["compute_dtype"] == "float32" and report["float_model_dtype"] == "float32"
+    assert report["gptq_dtypes"] == {key: ["float32"] for key in ("activations", "hessians", "solve", "weights")}
     assert report["format"] == "gptq" and report["sym"] is True and report["desc_act"] is False
     assert report["quantized_layers"] == 14
     # per layer: q, o 64x64; k, v 32x64; gate, up 128x64; down 64x128
@@ -134,3 +139,86 @@ def test_checkpoint_loads_with_plain_transformers(tiny_gptq_dir: Path) -> None:
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
     assert out.shape[1] == ids.shape[1] + 8
+
+
+def _wide_bf16_llama(folder: Path) -> Path:
+    """A random 2-layer llama, hidden 512 and intermediate 1024, stored in bf16 (the fetch stage's default).
+
+    Wide enough that GPTQ's result reacts to last-bit differences of the calibration computations (about
+    4.7 million codes; Hessians up to 1024 x 1024, where LAPACK splits its work across threads).
+    """
+    import torch
+    from _tiny_llama import build_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    generator = torch.Generator().manual_seed(1)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+_QUANTIZE_SCRIPT = """
+import json, sys
+import torch
+from qes.quantize import QuantizeConfig, quantize_model
+cfg = QuantizeConfig(group_size=64, calibration_samples=16, batch_size=8, eval_prompts=0)
+report = quantize_model(sys.argv[1], sys.argv[2], cfg)
+report["caller"] = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+print(json.dumps(report))
+"""
+
+
+def _quantize_in_fresh_process(model_dir: Path, out: Path, env: dict[str, str]) -> dict:
+    environment = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS")}
+    environment.update(env)
+    done = subprocess.run(
+        [sys.executable, "-c", _QUANTIZE_SCRIPT, str(model_dir), str(out)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_codes_do_not_depend_on_cpu_kernels_or_threads(tmp_path: Path) -> None:
+    """Two callers, one on torch's baseline kernels with 1 thread, one on the CPU's best with 2 threads and
+    more GPTQModel workers: the same codes, computed in float32 from the bf16 checkpoint, which stays bf16."""
+    model_dir = _wide_bf16_llama(tmp_path / "model")
+    first = _quantize_in_fresh_process(
+        model_dir, tmp_path / "q1", {"ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"}
+    )
+    second = _quantize_in_fresh_process(
+        model_dir, tmp_path / "q2", {"OMP_NUM_THREADS": "2", "GPTQMODEL_CPU_WORKERS": "3"}
+    )
+    assert first["caller"] == {"cpu_capability": "DEFAULT", "threads": 1}
+    assert first["numerics"]["threads"] == 1
+    if len(os.sched_getaffinity(0)) > 1:
+        assert second["caller"]["threads"] == second["numerics"]["threads"] == 2
+    for report, out in ((first, "q1"), (second, "q2")):
+        assert report["compute_dtype"] == "float32" and report["float_model_dtype"] == "bfloat16"
+        assert set(report["gptq_dtypes"]) == {"activations", "hessians", "solve", "weights"}
+        assert all(dtypes == ["float32"] for dtypes in report["gptq_dtypes"].values()), report["gptq_dtypes"]
+        assert json.loads((tmp_path / out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert first["num_codes"] == second["num_codes"] == 2 * (2 * 512 * 512 + 2 * 256 * 512 + 3 * 1024 * 512)
+    assert first["codes_sha256"] == second["codes_sha256"]

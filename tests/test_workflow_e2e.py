@@ -87,6 +87,46 @@ def test_codes_identity_matches_report(workflow_run: Path) -> None:
     assert qc.codes_sha256(model) == report["codes_sha256"]
 
 
+# The two CPU backends of the default model on 64 held-out Countdown prompts: dense in float32, and int4pack as
+# `auto` runs it on a CPU without native bf16 (float32 model, int4 matmuls on bf16 activations). Measured on an
+# AVX2 CPU: 50/64 identical greedy completions of 48 tokens (greedy decoding of a 135M model amplifies the bf16
+# rounding), mean reward 0.044 vs 0.047, and next-token agreement 0.999 (3,171 prompt positions of the first 8
+# prompts, teacher-forced). A wrong layout or zero point lands far outside these margins (agreement near 0,
+# see the note on MIN_AGREEMENT above).
+BACKEND_PROMPTS = 64
+MIN_SAME_COMPLETIONS = 0.70
+MAX_REWARD_DIFFERENCE = 0.02
+MIN_NEXT_TOKEN_AGREEMENT = 0.97
+
+
+def test_backends_agree_on_heldout_prompts(workflow_run: Path) -> None:
+    import torch
+
+    from qes import codes as qc
+    from qes.fitness import GenerationConfig, make_batch, score
+    from qes.tasks.countdown import CountdownConfig, TaskSettings, build_prompt, generate_split
+
+    settings = TaskSettings()
+    split = CountdownConfig(**{**settings.generator.__dict__, "train_size": 0, "eval_size": BACKEND_PROMPTS})
+    problems = generate_split(split, "eval")
+    results, next_tokens = {}, {}
+    for backend, dtype in (("dense", "float32"), ("int4pack", "auto")):
+        model, tokenizer = qc.load_quantized(workflow_run / QUANTIZED, dtype=dtype, backend=backend)
+        assert qc.describe_compute(model)["backends"] == {backend: 210}
+        prompts = [build_prompt(tokenizer, p, settings.prompt) for p in problems]
+        batch = make_batch(tokenizer, problems, prompts, settings.prompt.assistant_prefix)
+        results[backend] = score(model, batch, GenerationConfig(max_new_tokens=48, batch_size=32))
+        with torch.no_grad():  # teacher-forced: every prompt position's next token, first 8 prompts
+            next_tokens[backend] = torch.cat([model(torch.tensor([ids])).logits[0].argmax(-1)
+                                              for ids in batch.token_ids[:8]])
+    agreement = float((next_tokens["dense"] == next_tokens["int4pack"]).float().mean())
+    assert agreement >= MIN_NEXT_TOKEN_AGREEMENT, agreement
+    same = sum(a == b for a, b in zip(results["dense"].responses, results["int4pack"].responses))
+    assert same >= MIN_SAME_COMPLETIONS * BACKEND_PROMPTS, f"{same}/{BACKEND_PROMPTS} identical completions"
+    difference = abs(results["dense"].mean_reward - results["int4pack"].mean_reward)
+    assert difference <= MAX_REWARD_DIFFERENCE, (results["dense"].mean_reward, results["int4pack"].mean_reward)
+
+
 def test_rerun_is_a_no_op(workflow_run: Path) -> None:
     result = _snakemake(workflow_run, QUANTIZED)
     assert result.returncode == 0
@@ -118,6 +158,9 @@ def test_pipeline_outputs_and_exact_replay(pipeline_run: Path) -> None:
     from qes.seedlog import SeedLog
 
     summary = json.loads((pipeline_run / "results/finetune/e2e/summary.json").read_text())
+    # The project chose the backend (int4pack for INT4 on a CPU) and says so in the summary and the log.
+    assert summary["compute"]["device"] == "cpu" and summary["compute"]["backends"] == {"int4pack": 210}
+    assert '"int4pack": 210' in (pipeline_run / "logs/finetune/e2e.log").read_text()
     seedlog = SeedLog.open(pipeline_run / "results/runs/e2e")
     assert seedlog.iterations == 2 and seedlog.finished["codes_sha256"] == summary["codes_sha256"]
     replayed = json.loads((pipeline_run / "results/replay/e2e/replay_report.json").read_text())

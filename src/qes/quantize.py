@@ -22,7 +22,11 @@ import hashlib
 import json
 import logging
 import math
+import os
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -39,6 +43,25 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_BITS = (4, 8)
 REPORT_NAME = "quant_report.json"
+
+#: The one dtype GPTQ computes in -- calibration model load, forward passes, Hessian accumulation and the
+#: solve -- whatever dtype the float model is stored in. bf16 is emulated (slowly) on CPUs without AVX-512
+#: BF16 support, and one fixed dtype keeps the codes the same on every machine.
+COMPUTE_DTYPE = torch.float32
+
+#: Kernel settings of the process that runs GPTQ (see :func:`run_gptq`). GPTQ is chaotic in the last bits
+#: of its inputs: one different rounding anywhere in the calibration forward passes or Hessians changes
+#: about one code in eight of the whole model. So GPTQ runs with the same kernels on every machine:
+#: torch's AVX2 kernels (also on AVX-512 CPUs, whose own kernels round differently), MKL's AVX2 code
+#: branch in strict reproducibility mode (bitwise the same matrix products for any thread count; Intel
+#: CPUs only, other vendors run MKL's own dispatch), no dynamic thread counts.
+GPTQ_NUMERICS_ENV: dict[str, str] = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "AVX2,STRICT",
+    "MKL_DYNAMIC": "FALSE",
+    "OMP_DYNAMIC": "FALSE",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+}
 
 
 @dataclass(frozen=True)
@@ -278,6 +301,195 @@ def _gptq_stats_dir() -> Iterator[None]:
             loop_processor._PROJECT_LOG_DIR = previous
 
 
+def stored_float_dtype(model_dir: str | Path) -> torch.dtype:
+    """The dtype the float model's weights are stored in (its config's ``dtype``; float32 when unset)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{model_dir}/config.json: unknown dtype {name!r}")
+    return dtype
+
+
+def _restore_stored_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Put the tensors GPTQ leaves in float (embeddings, norms, an untied ``lm_head``) back in ``dtype``.
+
+    GPTQ computed in :data:`COMPUTE_DTYPE`; the checkpoint keeps the float model's own precision for what
+    it did not quantize (upcasting and casting back is exact). The quantized layers' tensors are buffers
+    (int32 codes, fp16 scales) and are left alone; tied parameters stay tied.
+    """
+    from gptqmodel.utils.hf import set_hf_config_dtype
+
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    set_hf_config_dtype(model.config, dtype)
+
+
+@contextlib.contextmanager
+def _instrumented_gptq() -> Iterator[dict[str, set[str]]]:
+    """Patch GPTQModel's GPTQ for the duration of the block: record dtypes, factorize on one thread.
+
+    Yields ``{"activations": ..., "weights": ..., "solve": ..., "hessians": ...}``: the dtypes GPTQModel
+    really computes in -- the layer inputs fed to the Hessian accumulation, the layer weights during
+    calibration, the weight copy GPTQ updates in its solve and the Hessians it factorizes.
+
+    The Hessian's Cholesky factorization and inverse (LAPACK ``potrf``/``potri``) give thread-count dependent
+    roundings, so they run on one thread (a few hundred milliseconds per layer), one module at a time. Worker
+    threads of GPTQModel keep their thread count for everything else.
+    """
+    from gptqmodel.quantization.gptq import GPTQ
+
+    seen: dict[str, set[str]] = {"activations": set(), "weights": set(), "solve": set(), "hessians": set()}
+    add_batch, clone_module, hessian_inverse = GPTQ.add_batch, GPTQ.clone_module, GPTQ.hessian_inverse
+    factorization = threading.Lock()
+
+    def observed_add_batch(self: Any, inp: torch.Tensor, out: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        seen["activations"].add(_dtype_name(inp.dtype))
+        weight = getattr(self.module, "weight", None)
+        if weight is not None:
+            seen["weights"].add(_dtype_name(weight.dtype))
+        return add_batch(self, inp, out, *args, **kwargs)
+
+    def observed_clone_module(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        clone = clone_module(self, *args, **kwargs)
+        seen["solve"].add(_dtype_name(clone.dtype))
+        return clone
+
+    def single_threaded_hessian_inverse(self: Any, hessian: torch.Tensor) -> Any:
+        seen["hessians"].add(_dtype_name(hessian.dtype))
+        with factorization:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return hessian_inverse(self, hessian)
+            finally:
+                torch.set_num_threads(threads)
+
+    GPTQ.add_batch, GPTQ.clone_module, GPTQ.hessian_inverse = (
+        observed_add_batch,
+        observed_clone_module,
+        single_threaded_hessian_inverse,
+    )
+    try:
+        yield seen
+    finally:
+        GPTQ.add_batch, GPTQ.clone_module, GPTQ.hessian_inverse = add_batch, clone_module, hessian_inverse
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def gptq_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of the process that runs GPTQ: ``base`` (default ``os.environ``) with
+    :data:`GPTQ_NUMERICS_ENV` on top, the caller's thread count and this ``qes`` first on ``PYTHONPATH``."""
+    env = dict(os.environ if base is None else base)
+    env.update(GPTQ_NUMERICS_ENV)
+    threads = str(torch.get_num_threads())
+    env.setdefault("OMP_NUM_THREADS", threads)
+    env.setdefault("MKL_NUM_THREADS", env["OMP_NUM_THREADS"])
+    source = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def run_gptq(
+    model_dir: Path, out_dir: Path, cfg: QuantizeConfig, calibration_texts: Sequence[str], dtype: torch.dtype
+) -> dict[str, Any]:
+    """Run GPTQ in ``dtype`` in a child process under :func:`gptq_environment`; returns what
+    :func:`_gptq_pass` returns.
+
+    Kernel choices are fixed when a process starts (torch reads ``ATEN_CPU_CAPABILITY`` at its first
+    vectorised operation, MKL reads ``MKL_CBWR`` at its first call), so they cannot be pinned inside a
+    process that already computed something. The child's output goes to this process's stdout/stderr.
+    """
+    with tempfile.TemporaryDirectory(prefix="qes-gptq-job-") as folder:
+        job = Path(folder) / "job.json"
+        result = Path(folder) / "result.json"
+        job.write_text(
+            json.dumps(
+                {
+                    "model_dir": str(model_dir),
+                    "out_dir": str(out_dir),
+                    "config": asdict(cfg),
+                    "dtype": _dtype_name(dtype),
+                    "calibration": list(calibration_texts),
+                    "result": str(result),
+                }
+            )
+        )
+        command = [sys.executable, "-c", "import sys; from qes.quantize import _gptq_main; _gptq_main(sys.argv[1])"]
+        process = subprocess.run([*command, str(job)], env=gptq_environment(), check=False)
+        if process.returncode != 0 or not result.is_file():
+            raise RuntimeError(f"GPTQ failed in its child process (exit status {process.returncode}); see its output")
+        return json.loads(result.read_text())
+
+
+def _gptq_main(job_file: str) -> None:
+    """Entry point of the child process started by :func:`run_gptq`."""
+    job = json.loads(Path(job_file).read_text())
+    outcome = _gptq_pass(
+        Path(job["model_dir"]),
+        Path(job["out_dir"]),
+        QuantizeConfig(**job["config"]),
+        job["calibration"],
+        getattr(torch, job["dtype"]),
+    )
+    Path(job["result"]).write_text(json.dumps(outcome))
+
+
+def _gptq_pass(
+    model_dir: Path, out_dir: Path, cfg: QuantizeConfig, calibration_texts: Sequence[str], dtype: torch.dtype
+) -> dict[str, Any]:
+    """Load the float model in ``dtype``, GPTQ-quantize it and save the checkpoint to ``out_dir``.
+
+    Returns ``{"timings": ..., "gptq_dtypes": ..., "numerics": ...}``; ``numerics`` records the kernel
+    settings GPTQ ran under.
+    """
+    from gptqmodel import GPTQModel
+    from gptqmodel import QuantizeConfig as GPTQQuantizeConfig
+    from transformers import AutoTokenizer
+
+    timings: dict[str, float] = {}
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    with _gptq_stats_dir():
+        t0 = time.perf_counter()
+        gptq_cfg = GPTQQuantizeConfig(
+            bits=cfg.bits,
+            group_size=cfg.group_size,
+            sym=True,
+            desc_act=False,
+            damp_percent=cfg.damp_percent,
+            offload_to_disk=cfg.offload_to_disk,
+        )
+        gptq_model = GPTQModel.load(str(model_dir), gptq_cfg, dtype=dtype)
+        timings["load_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        with _instrumented_gptq() as seen:
+            gptq_model.quantize(list(calibration_texts), batch_size=cfg.batch_size, tokenizer=tokenizer)
+        timings["quantize_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        _restore_stored_dtype(gptq_model.model, stored_float_dtype(model_dir))
+        gptq_model.save(str(out_dir))
+        for leftover in ("quant_log.csv",):
+            (out_dir / leftover).unlink(missing_ok=True)
+        timings["save_s"] = time.perf_counter() - t0
+    numerics = {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "hessian_factorization_threads": 1,
+        **{key: os.environ.get(key, "") for key in GPTQ_NUMERICS_ENV},
+    }
+    return {
+        "timings": timings,
+        "gptq_dtypes": {key: sorted(values) for key, values in seen.items()},
+        "numerics": numerics,
+    }
+
+
 def quantize_model(
     model_dir: str | Path,
     out_dir: str | Path,
@@ -289,8 +501,6 @@ def quantize_model(
     ``calibration`` defaults to :func:`builtin_calibration_prompts` (``cfg.calibration_samples`` of them).
     The output folder appears only when everything succeeded (it is built in a temporary sibling folder).
     """
-    from gptqmodel import GPTQModel
-    from gptqmodel import QuantizeConfig as GPTQQuantizeConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = Path(model_dir)
@@ -302,6 +512,8 @@ def quantize_model(
 
     widths = linear_in_features(model_dir)
     check_group_size(widths, cfg)
+    stored_dtype = stored_float_dtype(model_dir)
+    compute_dtype = COMPUTE_DTYPE
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     conversations = calibration if calibration is not None else builtin_calibration_prompts(cfg.calibration_samples)
@@ -311,33 +523,15 @@ def quantize_model(
     if overlap:
         raise ValueError(f"{len(overlap)} evaluation prompt(s) also appear in the calibration set")
 
-    with atomic_dir(out_dir) as tmp, _gptq_stats_dir():
+    with atomic_dir(out_dir) as tmp:
         t0 = time.perf_counter()
-        gptq_cfg = GPTQQuantizeConfig(
-            bits=cfg.bits,
-            group_size=cfg.group_size,
-            sym=True,
-            desc_act=False,
-            damp_percent=cfg.damp_percent,
-            offload_to_disk=cfg.offload_to_disk,
-        )
-        gptq_model = GPTQModel.load(str(model_dir), gptq_cfg)
-        timings["load_s"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        gptq_model.quantize(calibration_texts, batch_size=cfg.batch_size, tokenizer=tokenizer)
-        timings["quantize_s"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        gptq_model.save(str(tmp))
+        gptq = run_gptq(model_dir, tmp, cfg, calibration_texts, compute_dtype)
+        timings.update(gptq["timings"])
+        timings["gptq_process_s"] = time.perf_counter() - t0
         tokenizer.save_pretrained(str(tmp))
-        for leftover in ("quant_log.csv",):
-            (tmp / leftover).unlink(missing_ok=True)
-        timings["save_s"] = time.perf_counter() - t0
-        del gptq_model
 
         t0 = time.perf_counter()
-        quant_model, _ = qcodes.load_quantized(tmp, device="cpu", dtype=torch.float32)
+        quant_model, _ = qcodes.load_quantized(tmp, device="cpu", dtype=torch.float32, backend="dense")
         layers = qcodes.quantized_linears(quant_model)
         missing = sorted(set(widths) - {layer.name for layer in layers})
         if missing:
@@ -359,6 +553,10 @@ def quantize_model(
             "sym": True,
             "desc_act": False,
             "config": asdict(cfg),
+            "compute_dtype": _dtype_name(compute_dtype),
+            "float_model_dtype": _dtype_name(stored_dtype),
+            "gptq_dtypes": gptq["gptq_dtypes"],
+            "numerics": gptq["numerics"],
             "calibration_prompts": len(calibration_texts),
             "codes_sha256": codes_sha,
             "quantized_layers": len(layers),
