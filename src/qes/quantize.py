@@ -9,10 +9,15 @@ that plain ``transformers.AutoModelForCausalLM.from_pretrained`` loads when GPTQ
 * ``quality`` -- relative logit error ``||L_q - L_f||_F / ||L_f||_F`` and next-token (argmax) agreement of the
   quantized model against the float model, over every position of held-out prompts that differ from the
   calibration prompts (both models in float32);
+* ``compute_dtype`` -- the dtype GPTQ computed in (:data:`COMPUTE_DTYPE`, float32 whatever the float model's
+  ``float_model_dtype``), ``gptq_dtypes`` -- the dtypes GPTQModel was seen computing in, ``numerics`` -- the
+  kernel settings of the GPTQ process (:data:`GPTQ_NUMERICS_ENV`);
 * ``bits``, ``group_size``, calibration size, library versions and timings per step.
 
-Calibration uses a small deterministic built-in list of Countdown-style chat prompts
-(:func:`builtin_calibration_prompts`), rendered with the tokenizer's chat template.
+GPTQ runs in a child process whose kernels are pinned (:func:`run_gptq`), so the codes do not depend on the
+caller's thread count or on torch's instruction-set choice. Calibration uses a small deterministic built-in
+list of Countdown-style chat prompts (:func:`builtin_calibration_prompts`), rendered with the tokenizer's chat
+template.
 """
 
 from __future__ import annotations
@@ -51,10 +56,13 @@ COMPUTE_DTYPE = torch.float32
 
 #: Kernel settings of the process that runs GPTQ (see :func:`run_gptq`). GPTQ is chaotic in the last bits
 #: of its inputs: one different rounding anywhere in the calibration forward passes or Hessians changes
-#: about one code in eight of the whole model. So GPTQ runs with the same kernels on every machine:
-#: torch's AVX2 kernels (also on AVX-512 CPUs, whose own kernels round differently), MKL's AVX2 code
-#: branch in strict reproducibility mode (bitwise the same matrix products for any thread count; Intel
-#: CPUs only, other vendors run MKL's own dispatch), no dynamic thread counts.
+#: about one code in eight of the whole model. So GPTQ runs with the same kernels wherever the libraries
+#: allow it: torch's AVX2 kernels (also on AVX-512 CPUs, whose own kernels round differently), MKL's AVX2
+#: code branch in strict reproducibility mode (bitwise the same matrix products for any thread count on
+#: Intel CPUs with AVX2 or AVX-512), no dynamic thread counts. MKL honours a code branch on Intel CPUs
+#: only; elsewhere it picks its own kernels, so codes computed on an Intel and on an AMD CPU may differ
+#: (``MKL_CBWR=COMPATIBLE``, MKL's vendor-independent branch, would close that gap at about 2.7 times
+#: the GPTQ time). The Hessian factorization runs on one thread (:func:`_instrumented_gptq`).
 GPTQ_NUMERICS_ENV: dict[str, str] = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "MKL_CBWR": "AVX2,STRICT",
@@ -335,7 +343,7 @@ def _instrumented_gptq() -> Iterator[dict[str, set[str]]]:
     calibration, the weight copy GPTQ updates in its solve and the Hessians it factorizes.
 
     The Hessian's Cholesky factorization and inverse (LAPACK ``potrf``/``potri``) give thread-count dependent
-    roundings, so they run on one thread (a few hundred milliseconds per layer), one module at a time. Worker
+    roundings, so they run on one thread (well under a second per layer), one module at a time. Worker
     threads of GPTQModel keep their thread count for everything else.
     """
     from gptqmodel.quantization.gptq import GPTQ
