@@ -19,6 +19,7 @@ include: "rules/common.smk"
 
 coerce_cli_values(config, "workflow/schemas/config.schema.yaml")
 validate(config, "workflow/schemas/config.schema.yaml")
+check_config_rules()
 
 
 wildcard_constraints:

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import torch
+from bench_seedlog import synthetic_log
 
 from qes.codes import load_quantized, quantized_linears
 from qes.engine import Engine
 from qes.noise import NoiseSpec, member_seeds
-from qes.seedlog import LoggedStep, SeedLog
 from qes.update import Step, UpdateConfig, alpha_fixed_point, quantize_coefficients
 
 PROMPT = (
@@ -120,14 +120,7 @@ def main() -> None:
         rows.append((f"update, {mode} (P={population}" + (f", K={args.window})" if mode == "replay" else ")"), t_upd))
 
     with tempfile.TemporaryDirectory() as tmp:
-        log = SeedLog.create(
-            Path(tmp) / "run", {"base_codes_sha256": "0" * 64, "layers": [], "noise": noise.to_json(),
-                                "update": UpdateConfig().to_json(), "population": 50},
-        )
-        for t in range(20):
-            step = make_step(t, 50, args.sigma, args.alpha)
-            log.append(LoggedStep(step, tuple(0.1 * (i % 3) for i in range(50)), "f" * 64 if t % 5 == 4 else None))
-        log_bytes = log.bytes_per_iteration()
+        log_bytes = synthetic_log(Path(tmp) / "run", 20, 50).bytes_per_iteration()
 
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"model {args.model}: {num_codes:,} codes, sigma {args.sigma}, density {noise.density:.5f}, "

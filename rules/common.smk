@@ -184,3 +184,22 @@ def finetune_settings(run):
 def experiment_runs(kind="runs"):
     """Run names of the comparison (kind='runs') or of the step-size sweep (kind='sweep_runs')."""
     return getattr(experiment_settings(), kind)()
+
+
+def check_config_rules():
+    """Rules across keys (ranges, files, population vs shaping), checked before any job runs."""
+    from qes.config import check_rules
+
+    check_rules(config)
+
+
+def resumable_run(run):
+    """Refuse, while jobs are planned, a run whose existing seed log has other settings (returns no files).
+
+    Snakemake removes a job's old outputs before it runs; checking here keeps a finished run's summary and
+    metrics when the new settings would be refused anyway.
+    """
+    from qes.train import check_resumable
+
+    check_resumable(seed_log_dir(run), finetune_settings(run), quantized_model(), task_data("train"))
+    return []

@@ -9,6 +9,7 @@ rule finetune:
     input:
         model=lambda wildcards: quantized_model(),
         train=lambda wildcards: task_data("train"),
+        resumable=lambda wildcards: resumable_run(wildcards.run),
     output:
         summary="results/finetune/{run}/summary.json",
         metrics="results/finetune/{run}/metrics.parquet",

@@ -10,7 +10,7 @@ from qes.plots import plot_base_vs_tuned, plot_training_reward
 
 with log_to(snakemake.log[0]) as log:
     torch.set_num_threads(snakemake.threads)
-    cfg = EvaluateConfig(**snakemake.params.evaluate, device=snakemake.params.device)
+    cfg = EvaluateConfig.from_block(snakemake.params.evaluate, device=snakemake.params.device)
     metrics = compare(
         snakemake.input.base,
         snakemake.input.tuned,

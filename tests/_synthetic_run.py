@@ -27,6 +27,18 @@ CFG = TrainConfig(
 )
 
 
+def fitness_of(model: torch.nn.Module):
+    """A smooth, positive, code-dependent score: the mean probability of a fixed continuation."""
+
+    def fitness(t: int) -> float:
+        with torch.no_grad():
+            logits = model(PROMPT).logits.float()
+        logp = torch.log_softmax(logits[0, :-1], -1).gather(1, PROMPT[0, 1:, None])
+        return float(logp.mean().exp())
+
+    return fitness
+
+
 def log_files(run_dir: Path) -> dict[str, bytes]:
     """Every file of a run's seed log by relative path, without metrics.parquet (wall-clock timings)."""
     files = {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
@@ -39,13 +51,7 @@ def main() -> None:
     ranks = init_ranks("cpu")
     model, _ = load_quantized(sys.argv[1], backend=os.environ.get("QES_TEST_BACKEND", "dense"))
 
-    def fitness(t: int) -> float:
-        with torch.no_grad():
-            logits = model(PROMPT).logits.float()
-        logp = torch.log_softmax(logits[0, :-1], -1).gather(1, PROMPT[0, 1:, None])
-        return float(logp.mean())
-
-    final = train(model, quantized_linears(model), fitness, CFG, sys.argv[2], ranks=ranks)
+    final = train(model, quantized_linears(model), fitness_of(model), CFG, sys.argv[2], ranks=ranks)
     close_ranks(ranks)
     if ranks.is_writer:
         print(final)

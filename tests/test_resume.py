@@ -1,4 +1,8 @@
-"""kill -9 a training process at three different moments; each resumed run ends exactly like an uninterrupted one."""
+"""kill -9 a training process at five different moments; each resumed run ends exactly like an uninterrupted one.
+
+The run's reward is positive and its codes change in every iteration, so a resume that lost or repeated an
+update could not reach the same final codes.
+"""
 
 from __future__ import annotations
 
@@ -30,10 +34,15 @@ def reference(tiny_gptq, tmp_path_factory) -> tuple[str, dict[str, bytes]]:
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
     result = _run(tiny_gptq(4), run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
+    import pyarrow.parquet as pq
+
+    metrics = pq.read_table(run_dir / "metrics.parquet").to_pylist()
+    assert all(row["changed"] > 0 for row in metrics), [row["changed"] for row in metrics]
+    assert all(row["reward_min"] > 0 for row in metrics)
     return result.stdout.strip().splitlines()[-1], log_files(run_dir)
 
 
-@pytest.mark.parametrize("fault", ["fitness:2", "update:3", "append:4"])
+@pytest.mark.parametrize("fault", ["fitness:2", "update:3", "append:4", "finish:6"])
 def test_kill_and_resume_is_exact(tiny_gptq, tmp_path, reference, fault: str) -> None:
     final, files = reference
     run_dir = tmp_path / "run"
@@ -45,6 +54,21 @@ def test_kill_and_resume_is_exact(tiny_gptq, tmp_path, reference, fault: str) ->
     assert [s for s in steps if s.startswith("it-")][-1] == f"it-{iteration - 1:08d}.parquet", steps
     assert (f".tmp-it-{iteration:08d}.parquet" in steps) == fault.startswith("append"), steps
     assert not (run_dir / "final.json").exists()
+    resumed = _run(tiny_gptq(4), run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.strip().splitlines()[-1] == final
+    assert log_files(run_dir) == files
+
+
+def test_kill_while_resuming_is_exact(tiny_gptq, tmp_path, reference) -> None:
+    """A resume killed while it replays the log (the fifth point) leaves the log as it was."""
+    final, files = reference
+    run_dir = tmp_path / "run"
+    assert _run(tiny_gptq(4), run_dir, "update:4").returncode == -signal.SIGKILL
+    before = log_files(run_dir)
+    killed = _run(tiny_gptq(4), run_dir, "replay:2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert log_files(run_dir) == before
     resumed = _run(tiny_gptq(4), run_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.strip().splitlines()[-1] == final

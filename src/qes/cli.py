@@ -16,21 +16,60 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from qes import __version__
+from qes.config import complete, read_block, schema
+
+
+def _existing(path: Path, option: str, kind: str = "folder") -> Path:
+    """`path` as given, after checking it exists as a folder or file; the error names the option."""
+    ok = path.is_dir() if kind == "folder" else path.is_file()
+    if not ok:
+        found = "a file" if path.is_file() else "a folder" if path.is_dir() else "nothing"
+        raise FileNotFoundError(f"{option} {path}: expected a {kind}, found {found} there")
+    return path
+
+
+def _add_overwrite(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing, non-empty output folder (default: refuse)")
+
+
+def _fresh_out(out: Path, args: argparse.Namespace, inputs: dict[str, Path | None]) -> Path:
+    """Refuse an output folder that overlaps an input, or one that holds files unless --overwrite."""
+    from qes.fsutil import refuse_overlap
+
+    refuse_overlap(out, {f"--{k}": v for k, v in inputs.items()})
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"--out {out} already holds files; pass --overwrite to replace them")
+    return out
+
+
+def _schema_defaults(section: str) -> dict:
+    """The config schema's defaults of one block: the CLI's defaults are the workflow's."""
+    return complete({}, section)
+
+
+def _enum(*path: str) -> list:
+    node = schema()
+    for key in path:
+        node = node["properties"][key]
+    return list(node["enum"])
 
 
 def _add_fetch(parser: argparse.ArgumentParser) -> None:
-    from qes.fetch import FetchConfig
-
-    defaults = FetchConfig(name="x", source="bundled:smollm2-135m-instruct")
-    parser.add_argument("--source", default=defaults.source, help="bundled:<name>, hf:<org>/<repo> or local:<path>")
+    defaults = _schema_defaults("model")
+    parser.add_argument("--source", default=defaults["source"], help="bundled:<name>, hf:<org>/<repo> or local:<path>")
     parser.add_argument("--name", default=None, help="output folder name (default: derived from the source)")
     parser.add_argument("--revision", default=None, help="hub branch, tag or commit (hf: sources)")
-    parser.add_argument("--dtype", default=defaults.dtype, choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", default=defaults["dtype"], choices=_enum("model", "dtype"))
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: results/models/<name>)")
+    _add_overwrite(parser)
 
 
 def _default_name(source: str) -> str:
@@ -44,24 +83,25 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     name = args.name or _default_name(args.source)
     cfg = FetchConfig(name=name, source=args.source, revision=args.revision, dtype=args.dtype)
     out = args.out or Path("results/models") / name
+    local = Path(args.source[len("local:"):]) if args.source.startswith("local:") else None
+    _fresh_out(out, args, {"source": local})
     manifest = fetch_model(cfg, out)
     print(json.dumps({"out": str(out), "parameters": manifest["parameters"], "revision": manifest["revision"]}))
     return 0
 
 
 def _add_quantize(parser: argparse.ArgumentParser) -> None:
-    from qes.quantize import QuantizeConfig
-
-    defaults = QuantizeConfig()
+    defaults = _schema_defaults("quantize")
     parser.add_argument("model", type=Path, help="float model folder (output of `qes fetch`)")
     parser.add_argument("--out", type=Path, default=None, help="default: results/quantized/<model>-w<bits>g<group>")
-    parser.add_argument("--bits", type=int, default=defaults.bits, choices=[4, 8])
-    parser.add_argument("--group-size", type=int, default=defaults.group_size)
-    parser.add_argument("--calibration-samples", type=int, default=defaults.calibration_samples)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--damp-percent", type=float, default=defaults.damp_percent)
-    parser.add_argument("--eval-prompts", type=int, default=defaults.eval_prompts)
+    parser.add_argument("--bits", type=int, default=defaults["bits"], choices=_enum("quantize", "bits"))
+    parser.add_argument("--group-size", type=int, default=defaults["group_size"])
+    parser.add_argument("--calibration-samples", type=int, default=defaults["calibration_samples"])
+    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"])
+    parser.add_argument("--damp-percent", type=float, default=defaults["damp_percent"])
+    parser.add_argument("--eval-prompts", type=int, default=defaults["eval_prompts"])
     parser.add_argument("--offload-to-disk", action="store_true")
+    _add_overwrite(parser)
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -76,7 +116,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         eval_prompts=args.eval_prompts,
         offload_to_disk=args.offload_to_disk,
     )
+    _existing(args.model, "model")
     out = args.out or Path("results/quantized") / f"{args.model.resolve().name}-{cfg.tag}"
+    _fresh_out(out, args, {"model": args.model})
     report = quantize_model(args.model, out, cfg)
     summary = {"out": str(out), "codes_sha256": report["codes_sha256"], **report["quality"]}
     print(json.dumps(summary))
@@ -90,7 +132,7 @@ def _add_codes_sha256(parser: argparse.ArgumentParser) -> None:
 def _cmd_codes_sha256(args: argparse.Namespace) -> int:
     from qes.codes import codes_sha256, load_quantized
 
-    model, _ = load_quantized(args.model, backend="none")
+    model, _ = load_quantized(_existing(args.model, "model"), backend="none")
     print(codes_sha256(model))
     return 0
 
@@ -99,16 +141,23 @@ def _add_task_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="model folder whose tokenizer renders the prompts")
     parser.add_argument("--config", type=Path, default=None, help="YAML file whose `task:` block sets the problems")
     parser.add_argument("--out", type=Path, default=Path("results/data/countdown"), help="folder for the Parquet files")
+    _add_overwrite(parser)
 
 
 def _cmd_task_data(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
+    from qes.fsutil import atomic_dir
     from qes.tasks.countdown import TaskSettings, make_task_data
 
-    settings = TaskSettings.from_dict({k: v for k, v in _read_block(args.config, "task").items() if v is not None})
-    tokenizer = AutoTokenizer.from_pretrained(str(args.model))
-    print(json.dumps(make_task_data(settings, tokenizer, args.out / "train.parquet", args.out / "eval.parquet")))
+    settings = TaskSettings.from_dict(read_block(args.config, "task"))
+    tokenizer = AutoTokenizer.from_pretrained(str(_existing(args.model, "--model")))
+    _fresh_out(args.out, args, {"model": args.model})
+    with atomic_dir(args.out) as tmp:
+        summary = make_task_data(settings, tokenizer, tmp / "train.parquet", tmp / "eval.parquet")
+    for split in ("train", "eval"):
+        summary[split]["path"] = str(args.out / f"{split}.parquet")
+    print(json.dumps(summary))
     return 0
 
 
@@ -116,35 +165,60 @@ def _add_replay(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", type=Path, required=True, help="the base GPTQ checkpoint the run started from")
     parser.add_argument("--log", type=Path, required=True, help="the run's seed log folder (holds run.json, steps/)")
     parser.add_argument("--out", type=Path, required=True, help="where to write the re-derived GPTQ checkpoint")
+    parser.add_argument("--partial", action="store_true",
+                        help="re-derive the last logged iteration of a run that did not finish (no final.json)")
+    _add_overwrite(parser)
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     from qes.replay import replay_checkpoint
 
-    report = replay_checkpoint(args.base, args.log, args.out)
+    _existing(args.base, "--base")
+    _existing(args.log, "--log")
+    _fresh_out(args.out, args, {"base": args.base, "log": args.log})
+    report = replay_checkpoint(args.base, args.log, args.out, partial=args.partial)
+    if not report["finished"]:
+        print(f"qes replay: re-derived iteration {report['iterations']}; the run did not finish", file=sys.stderr)
     print(json.dumps(report))
     print(report["codes_sha256"])
     return 0
 
 
-def _read_block(path: Path | None, block: str) -> dict:
-    if path is None:
-        return {}
-    import yaml
+def _add_verify_log(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("log", type=Path, help="the run's seed log folder (holds run.json, steps/)")
+    parser.add_argument("--partial", action="store_true", help="accept a run that did not finish (no final.json)")
 
-    data = yaml.safe_load(path.read_text()) or {}
-    return dict(data.get(block) or {})
+
+def _cmd_verify_log(args: argparse.Namespace) -> int:
+    import time
+
+    from qes.seedlog import SeedLog
+
+    started = time.perf_counter()
+    seedlog = SeedLog.open(_existing(args.log, "log"))
+    seedlog.require_complete(args.partial)
+    finished = seedlog.finished
+    print(json.dumps({
+        "seed_log": str(args.log),
+        "iterations": seedlog.iterations,
+        "finished": finished is not None,
+        "codes_sha256": finished["codes_sha256"] if finished else None,
+        "base_codes_sha256": seedlog.meta["base_codes_sha256"],
+        "base_sha256": seedlog.meta["base"]["sha256"],
+        "run_sha256": seedlog.run_sha256,
+        "last_record_sha256": seedlog.head,
+        "seconds": round(time.perf_counter() - started, 4),
+    }))
+    return 0
 
 
 def _add_compute_options(parser: argparse.ArgumentParser) -> None:
-    from qes.qlinear import BACKENDS
-
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+    parser.add_argument("--device", choices=_enum("finetune", "device"), default=None,
                         help="where to compute (default: the config's, else auto = cuda when torch sees one)")
-    parser.add_argument("--backend", choices=BACKENDS, default=None,
+    parser.add_argument("--backend", choices=_enum("finetune", "backend"), default=None,
                         help="forward path of the quantized layers: int4pack (torch's CPU int4 matmul, INT4), "
                              "dense (dequantized weight, any device), auto (default: int4pack for INT4 on CPU)")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
+    parser.add_argument("--dtype", choices=_enum("finetune", "dtype"), default=None,
                         help="compute dtype (default auto: bf16 on CUDA and CPUs with native bf16, else float32)")
 
 
@@ -170,8 +244,12 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     from qes.train import run_finetune
 
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     threads = args.threads or os.cpu_count() or 1
-    block = {**_read_block(args.config, "finetune"), **_compute_options(args)}
+    _existing(args.model, "--model")
+    _existing(args.train, "--train", "file")
+    block = {**read_block(args.config, "finetune"), **_compute_options(args)}
     summary = run_finetune(args.model, args.train, args.run_dir, block, threads)
     print(json.dumps(summary))
     return 0
@@ -184,12 +262,19 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder for metrics.json and examples")
     parser.add_argument("--config", type=Path, default=None, help="YAML file whose `evaluate:` block sets the budget")
     _add_compute_options(parser)
+    _add_overwrite(parser)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from qes.evaluate import EvaluateConfig, compare
 
-    cfg = EvaluateConfig(**{**_read_block(args.config, "evaluate"), **_compute_options(args)})
+    options = _compute_options(args)
+    device = options.pop("device", "auto")
+    cfg = EvaluateConfig.from_block({**read_block(args.config, "evaluate"), **options}, device=device)
+    _existing(args.base, "--base")
+    _existing(args.tuned, "--tuned")
+    _existing(args.eval, "--eval", "file")
+    _fresh_out(args.out, args, {"base": args.base, "tuned": args.tuned, "eval": args.eval})
     metrics = compare(
         args.base, args.tuned, args.eval, cfg,
         args.out / "metrics.json", args.out / "base_examples.parquet", args.out / "tuned_examples.parquet",
@@ -204,12 +289,18 @@ def _add_export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log", type=Path, required=True, help="the run's seed log folder")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics.json of `qes evaluate`")
     parser.add_argument("--out", type=Path, required=True, help="export folder")
+    _add_overwrite(parser)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from qes.export import export_run
+    from qes.seedlog import read_json
 
-    print(export_run(args.tuned, args.log, args.base, json.loads(args.metrics.read_text()), args.out))
+    for option, path, kind in (("--base", args.base, "folder"), ("--tuned", args.tuned, "folder"),
+                               ("--log", args.log, "folder"), ("--metrics", args.metrics, "file")):
+        _existing(path, option, kind)
+    _fresh_out(args.out, args, {"base": args.base, "tuned": args.tuned, "log": args.log, "metrics": args.metrics})
+    print(export_run(args.tuned, args.log, args.base, read_json(args.metrics, "evaluation metrics"), args.out))
     return 0
 
 
@@ -223,6 +314,8 @@ COMMANDS: dict[str, Command] = {
     "task-data": ("write train / held-out Countdown problems (stage make_task_data)", _add_task_data, _cmd_task_data),
     "finetune": ("run or resume QES on a quantized checkpoint (stage finetune)", _add_finetune, _cmd_finetune),
     "replay": ("re-derive a tuned checkpoint from its base and seed log (stage replay)", _add_replay, _cmd_replay),
+    "verify-log": ("check a seed log's hash chain and completeness, without a model", _add_verify_log,
+                   _cmd_verify_log),
     "evaluate": ("held-out evaluation of base vs tuned (stage evaluate)", _add_evaluate, _cmd_evaluate),
     "export": ("tuned checkpoint + seed log + model card (stage export)", _add_export, _cmd_export),
 }
@@ -250,7 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.run(args))
-    except (ValueError, RuntimeError, FileNotFoundError, OSError) as error:
+    except Exception as error:  # every failure ends in one line that names the problem
+        if args.verbose or not isinstance(error, (ValueError, RuntimeError, OSError)):
+            traceback.print_exc()
         print(f"qes {args.command}: error: {error}", file=sys.stderr)
         return 2
 

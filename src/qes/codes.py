@@ -65,6 +65,8 @@ from qes.qlinear import (
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "base_identity",
+    "checkpoint_parts",
     "QuantLinear",
     "codes_sha256",
     "layer_key",
@@ -212,6 +214,71 @@ def codes_sha256(model_or_layers: torch.nn.Module | Iterable[QuantLinear]) -> st
         codes = unpack_codes(layer.qweight.detach().to("cpu"), layer.bits)
         digest.update(codes.numpy().tobytes())
     return digest.hexdigest()
+
+
+#: The parts of a base checkpoint that shape a run's output, each hashed on its own so a mismatch can be named.
+IDENTITY_PARTS = ("codes", "scales", "zeros", "g_idx", "tensors", "quantization_config", "model_config", "tokenizer")
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+)
+# Keys of config.json that say who wrote the file, not what the model computes.
+_PROVENANCE_KEYS = ("transformers_version", "_name_or_path")
+
+
+def _tensor_part(name: str) -> str:
+    suffix = name.rsplit(".", 1)[-1]
+    return {"qweight": "codes", "scales": "scales", "qzeros": "zeros", "g_idx": "g_idx"}.get(suffix, "tensors")
+
+
+def checkpoint_parts(path: str | Path) -> dict[str, str]:
+    """sha256 of every part of a GPTQ checkpoint folder except the codes (see :func:`base_identity`).
+
+    Tensors are hashed as stored (name, dtype, shape, bytes; shards in order, tensors by name), so the result
+    does not depend on the dtype a model is later loaded in; config parts are hashed as canonical JSON.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    digests = {part: hashlib.sha256() for part in IDENTITY_PARTS[1:5]}
+    for shard in _shard_files(path):
+        with safe_open(str(shard), framework="pt") as handle:
+            for key in sorted(handle.keys()):
+                part = _tensor_part(key)
+                if part == "codes":
+                    continue  # hashed canonically by codes_sha256
+                tensor = handle.get_tensor(key).contiguous()
+                digest = digests[part]
+                digest.update(f"{key}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    config = json.loads((path / "config.json").read_text())
+    quant = config.pop("quantization_config", None)
+    for key in _PROVENANCE_KEYS:
+        config.pop(key, None)
+    tokenizer = hashlib.sha256()
+    for name in _TOKENIZER_FILES:
+        if (path / name).is_file():
+            tokenizer.update(name.encode() + b"\0" + hashlib.sha256((path / name).read_bytes()).digest())
+    return {
+        **{part: digest.hexdigest() for part, digest in digests.items()},
+        "quantization_config": hashlib.sha256(json.dumps(quant, sort_keys=True).encode()).hexdigest(),
+        "model_config": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+        "tokenizer": tokenizer.hexdigest(),
+    }
+
+
+def base_identity(model: torch.nn.Module, codes_hash: str | None = None) -> dict[str, Any]:
+    """The complete identity of a model as a run's base: its current codes plus every other checkpoint part.
+
+    ``{"sha256": ..., "parts": {part: sha256}}`` with the parts of :data:`IDENTITY_PARTS`. A model that
+    was not loaded from a folder (assembled in memory) is identified by its codes alone.
+    """
+    parts = {"codes": codes_hash or codes_sha256(model)}
+    source = getattr(model, _SOURCE_ATTR, None)
+    if source is not None:
+        parts.update(checkpoint_parts(source))
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return {"sha256": digest, "parts": parts}
 
 
 def read_quantization_config(path: str | Path) -> dict[str, Any]:
@@ -448,13 +515,16 @@ def describe_compute(model: torch.nn.Module) -> dict[str, Any]:
     return dict(getattr(model, "qes_compute", {}))
 
 
-def save_quantized(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
+def save_quantized(
+    model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, extra_files: dict[str, str] | None = None
+) -> Path:
     """Write the model's current codes as a GPTQ checkpoint: the source checkpoint with new ``qweight`` tensors.
 
     Everything else (zero points in the on-disk convention, scales, embeddings, config, their dtypes) is
     copied from the folder the model was loaded from, so ``save_quantized`` then :func:`load_quantized`
     gives identical :func:`codes_sha256` and identical logits. The folder is written next to ``out_dir``
-    and renamed into place, so a failure leaves no partial output; an existing ``out_dir`` is replaced.
+    and renamed into place, together with ``extra_files`` ({name: text}), so a failure leaves no partial
+    output; an existing ``out_dir`` is replaced.
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -485,4 +555,6 @@ def save_quantized(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path) 
             raise ValueError(f"{source} lacks the qweight of {sorted(set(layers) - written)[:3]}")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return Path(out_dir)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qes.fitness import GenerationConfig, evaluate_heldout, load_batch, require_quantized
@@ -15,12 +15,26 @@ from qes.fitness import GenerationConfig, evaluate_heldout, load_batch, require_
 class EvaluateConfig:
     """Decoding budget and size of the held-out evaluation."""
 
-    max_new_tokens: int = 96
+    max_new_tokens: int = 64
     batch_size: int = 32
     limit: int | None = None
     device: str = "auto"
     backend: str = "auto"
     dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        from qes.config import check_values
+
+        block = {k: v for k, v in asdict(self).items() if k != "device"}
+        check_values("evaluate", block, source="evaluate settings")
+        check_values(("finetune", "device"), self.device, source="evaluate settings")
+
+    @classmethod
+    def from_block(cls, values: dict, device: str = "auto") -> EvaluateConfig:
+        """The config's `evaluate:` block, validated by the config schema (its defaults fill the gaps)."""
+        from qes.config import complete
+
+        return cls(**complete(values, "evaluate", source="evaluate settings"), device=device)
 
 
 def evaluate_model(model_dir: str | Path, eval_parquet: str | Path, cfg: EvaluateConfig,
@@ -42,6 +56,10 @@ def evaluate_model(model_dir: str | Path, eval_parquet: str | Path, cfg: Evaluat
 def compare(base_dir: str | Path, tuned_dir: str | Path, eval_parquet: str | Path, cfg: EvaluateConfig,
             metrics_path: str | Path, base_examples: str | Path, tuned_examples: str | Path) -> dict:
     """Evaluate both models; write metrics.json with base, tuned and their difference."""
+    from qes.fsutil import refuse_overlap
+
+    for output in (metrics_path, base_examples, tuned_examples):
+        refuse_overlap(output, {"base": base_dir, "tuned": tuned_dir, "eval": eval_parquet}, "output")
     with tempfile.TemporaryDirectory() as tmp:
         base = evaluate_model(base_dir, eval_parquet, cfg, Path(tmp) / "base.json", base_examples)
         tuned = evaluate_model(tuned_dir, eval_parquet, cfg, Path(tmp) / "tuned.json", tuned_examples)
@@ -53,6 +71,10 @@ def compare(base_dir: str | Path, tuned_dir: str | Path, eval_parquet: str | Pat
         "n": base["n"],
         "max_new_tokens": cfg.max_new_tokens,
     }
+    report = Path(tuned_dir) / "replay_report.json"
+    if report.is_file():  # a tuned checkpoint written by replay says which run it is
+        replay = json.loads(report.read_text())
+        metrics["codes_changed"] = replay["codes_sha256"] != replay["base_codes_sha256"]
     Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
     Path(metrics_path).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics

@@ -6,7 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
-from qes.fsutil import atomic_dir
+from qes.fsutil import atomic_dir, refuse_overlap
+from qes.seedlog import SeedLog, no_op_report, read_json
 
 CARD = """---
 library_name: transformers
@@ -32,6 +33,9 @@ tokenizer = AutoTokenizer.from_pretrained("{out_dir}")
 | base quantized checkpoint | `{base_hash}` |
 | this checkpoint | `{tuned_hash}` |
 
+The base's complete identity (codes, scales, zero points, g_idx, every other tensor, quantization and model
+config, tokenizer) hashes to `{base_identity}`.
+{notes}
 The tuned codes are a function of the base checkpoint and the seed log in `seed_log/` alone. Re-derive them
 bit for bit, on any hardware, with
 
@@ -39,7 +43,8 @@ bit for bit, on any hardware, with
 qes replay --base {base_dir} --log {out_dir}/seed_log --out tuned-again
 ```
 
-which verifies every hash checkpoint on the way and prints the final codes_sha256 above.
+which verifies the log's hash chain and the base's identity first, then every hash checkpoint on the way, and
+prints the final codes_sha256 above (`qes verify-log {out_dir}/seed_log` checks the log alone, in a second).
 
 ## QES hyperparameters
 
@@ -84,9 +89,18 @@ def export_run(
 ) -> Path:
     """Write `out_dir` with the checkpoint files, a copy of the seed log and README.md."""
     replayed_dir, seed_log_dir, out_dir = Path(replayed_dir), Path(seed_log_dir), Path(out_dir)
-    run_meta = json.loads((seed_log_dir / "run.json").read_text())
-    final = json.loads((seed_log_dir / "final.json").read_text())
-    quant = json.loads((replayed_dir / "config.json").read_text())["quantization_config"]
+    refuse_overlap(out_dir, {"tuned checkpoint": replayed_dir, "seed log": seed_log_dir, "base": base_dir})
+    seedlog = SeedLog.open(seed_log_dir)
+    seedlog.require_complete()
+    run_meta, final = seedlog.meta, seedlog.finished
+    replayed = read_json(replayed_dir / "replay_report.json", "replay report of the tuned checkpoint")
+    if replayed.get("codes_sha256") != final["codes_sha256"]:
+        raise ValueError(
+            f"{replayed_dir} holds codes_sha256 {replayed.get('codes_sha256')}, but the seed log {seed_log_dir} "
+            f"ends at {final['codes_sha256']}: the tuned checkpoint is not this run's"
+        )
+    quant = read_json(replayed_dir / "config.json", "model config")["quantization_config"]
+    no_op = no_op_report(seedlog, final["codes_sha256"])
     base_report = Path(base_dir) / "quant_report.json"
     base_model = str(base_dir)
     if base_report.is_file():
@@ -109,6 +123,8 @@ def export_run(
                 base_hash=run_meta["base_codes_sha256"],
                 tuned_hash=final["codes_sha256"],
                 hyper_rows=_hyper_rows(run_meta),
+                base_identity=run_meta["base"]["sha256"],
+                notes="".join(f"\n> **Warning:** {w}\n" for w in no_op["warnings"]),
                 n=base["n"],
                 max_new_tokens=eval_metrics.get("max_new_tokens", "?"),
                 b_acc=base["accuracy"], b_fmt=base["format_rate"], b_rew=base["mean_reward"],

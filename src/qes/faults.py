@@ -2,9 +2,10 @@
 
 Setting QES_FAULT="<point>:<iteration>" makes the process kill itself with SIGKILL (as `kill -9` would)
 when it reaches that point of that iteration: `fitness` (a member is perturbed and being scored),
-`update` (the codes were updated in memory, the step is not logged yet) or `append` (the step's file is
-written under its temporary name, not yet renamed). A suffix "@<rank>" limits it to one rank of a
-multi-rank run ("fitness:2@1"). Unset, it costs one dictionary lookup.
+`update` (the codes were updated in memory, the step is not logged yet), `append` (the step's file is
+written under its temporary name, not yet renamed), `finish` (every step is logged, final.json is not
+written; the iteration is the run's length) or `replay` (a resuming run is replaying the log). A
+suffix "@<rank>" limits it to one rank of a multi-rank run ("fitness:2@1"). Unset, it costs one dictionary lookup.
 """
 
 from __future__ import annotations

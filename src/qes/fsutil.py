@@ -11,14 +11,50 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def refuse_overlap(out: str | Path, inputs: dict[str, str | Path | None], out_name: str = "--out") -> None:
+    """Refuse an output folder that is, contains or lies inside one of the inputs (named by their option).
+
+    Writing there would replace or corrupt an input (a seed log is a run's only state). Paths are compared
+    after resolving symbolic links.
+    """
+    target = Path(out).resolve()
+    for name, path in inputs.items():
+        if path is None:
+            continue
+        source = Path(path).resolve()
+        if target == source:
+            relation = "is"
+        elif source.is_relative_to(target):
+            relation = "contains"
+        elif target.is_relative_to(source):
+            relation = "lies inside"
+        else:
+            continue
+        raise ValueError(
+            f"{out_name} {out} {relation} the input {name} {path}: writing there would overwrite it; "
+            f"choose an output folder outside every input"
+        )
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    missing = []
+    for parent in path.parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing
+
+
 @contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary sibling of ``target``; rename it to ``target`` when the block succeeds.
 
-    On any exception the temporary folder is removed and ``target`` is left as it was, so a failed stage never
-    leaves a partial output folder. An existing ``target`` is replaced only after the block succeeded.
+    On any exception the temporary folder is removed, and so are the parent folders this call created,
+    and ``target`` is left as it was, so a failed stage never leaves a partial or empty output behind. An
+    existing ``target`` is replaced only after the block succeeded.
     """
     target = Path(target)
+    created = _missing_parents(target.absolute())
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     umask = os.umask(0)
@@ -28,6 +64,11 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for parent in created:  # innermost first
+            try:
+                parent.rmdir()
+            except OSError:
+                break
         raise
     if target.is_symlink() or target.is_file():
         target.unlink()

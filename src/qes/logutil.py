@@ -12,11 +12,17 @@ from pathlib import Path
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+def _without_traceback(record: logging.LogRecord) -> bool:
+    return record.exc_info is None
+
+
 @contextlib.contextmanager
 def log_to(path: str | Path, level: int = logging.INFO) -> Iterator[logging.Logger]:
     """Send logging records and the process' stdout/stderr (also from C extensions) to ``path``.
 
-    An exception escaping the block is written to the log with its traceback, then re-raised.
+    The project's warnings and errors also reach the console (the process' original stderr), one line each. An exception
+    escaping the block is written to the log with its traceback, followed by its message as the last line
+    (also on the console), then re-raised.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,23 +31,30 @@ def log_to(path: str | Path, level: int = logging.INFO) -> Iterator[logging.Logg
     saved = {fd: os.dup(fd) for fd in (1, 2)}
     root = logging.getLogger()
     previous_level = root.level
-    with open(path, "a", buffering=1) as handle:
+    with open(path, "a", buffering=1) as handle, os.fdopen(os.dup(saved[2]), "w", buffering=1) as console:
         for fd in (1, 2):
             os.dup2(handle.fileno(), fd)
         handler = logging.StreamHandler(handle)
         handler.setFormatter(logging.Formatter(FORMAT))
-        root.addHandler(handler)
-        root.setLevel(level)
+        loud = logging.StreamHandler(console)
+        loud.setLevel(logging.WARNING)
+        loud.addFilter(_without_traceback)
+        loud.setFormatter(logging.Formatter(f"%(levelname)s: %(message)s (log: {path})"))
         logger = logging.getLogger("qes")
+        root.addHandler(handler)
+        logger.addHandler(loud)  # the project's own warnings only, not every library's
+        root.setLevel(level)
         try:
             yield logger
-        except BaseException:
+        except BaseException as error:
             logger.exception("step failed")
+            logger.error("%s: %s", type(error).__name__, error)
             raise
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
             root.removeHandler(handler)
+            logger.removeHandler(loud)
             root.setLevel(previous_level)
             for fd, copy in saved.items():
                 os.dup2(copy, fd)

@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are made: reading a seed log needs no torch
+    import torch
 
 GENERATOR_ID = "blocksparse-v1"
 BLOCK_BITS = 12
@@ -183,6 +185,8 @@ def _permute12(r: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 
 def _lookup(thresholds: tuple[int, ...], draws: torch.Tensor) -> torch.Tensor:
+    import torch
+
     table = torch.tensor(thresholds, dtype=torch.int64, device=draws.device)
     return torch.searchsorted(table, draws, right=True)
 
@@ -207,6 +211,8 @@ class BlockTable:
     def build(
         cls, keys: list[int], sizes: list[int], device: torch.device | str = "cpu"
     ) -> BlockTable:
+        import torch
+
         blocks = [-(-n // BLOCK) for n in sizes]
         layer = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(blocks))
         first = torch.tensor([0, *blocks[:-1]]).cumsum(0)
@@ -228,6 +234,8 @@ def table_noise(spec: NoiseSpec, seed: int, table: BlockTable) -> tuple[torch.Te
     Flat index = table.offsets[layer] + code index inside the layer. Entries come out grouped by
     layer and block, in no particular order inside a block, and are distinct.
     """
+    import torch
+
     device = table.block_index.device
     bases = torch.tensor([stream_key(seed, k) for k in table.keys], dtype=torch.int64, device=device)
     block_keys = hash32(table.block_index ^ bases[table.block_layer])

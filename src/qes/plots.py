@@ -24,6 +24,9 @@ def plot_training_reward(metrics_parquet: str | Path, out_png: str | Path, title
     ax.set_title(title or "QES training reward")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
+    if not any(r["changed"] for r in rows):
+        ax.text(0.5, 0.5, "no code changed in any iteration:\nthe tuned model is the base model", color="tab:red",
+                ha="center", va="center", transform=ax.transAxes, fontsize=11, weight="bold")
     ax2.bar(it, [100 * r["changed_fraction"] for r in rows], color="tab:gray")
     ax2.set_ylabel("codes changed (%)")
     ax2.set_xlabel("iteration")
@@ -47,6 +50,9 @@ def plot_base_vs_tuned(metrics: dict, out_png: str | Path, title: str = "") -> N
     ax.set_xticks(list(x), [label for _, label in names])
     ax.set_ylim(0, max(max(base), max(tuned), 0.05) * 1.25)
     ax.set_title(title or f"held-out, n = {metrics['base']['n']}")
+    if metrics.get("codes_changed") is False:
+        ax.text(0.5, 0.92, "no code changed: tuned = base", color="tab:red", ha="center", transform=ax.transAxes,
+                weight="bold")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

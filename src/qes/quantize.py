@@ -100,12 +100,10 @@ class QuantizeConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> QuantizeConfig:
-        """Build from the ``quantize`` block of the config (unknown keys are an error)."""
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown quantize setting(s): {', '.join(unknown)}")
-        return cls(**dict(values))
+        """Build from the ``quantize`` block of the config, validated by the config schema (defaults fill gaps)."""
+        from qes.config import complete
+
+        return cls(**complete(dict(values), "quantize", source="quantize settings"))
 
     @property
     def tag(self) -> str:

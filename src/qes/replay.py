@@ -10,8 +10,17 @@ from pathlib import Path
 
 import torch
 
-from qes.codes import QuantLinear, codes_sha256, load_quantized, quantized_linears, save_quantized
+from qes.codes import (
+    QuantLinear,
+    base_identity,
+    codes_sha256,
+    load_quantized,
+    quantized_linears,
+    save_quantized,
+)
 from qes.engine import Engine
+from qes.faults import fault_point
+from qes.fsutil import refuse_overlap
 from qes.seedlog import LoggedStep, SeedLog, SeedLogError
 
 log = logging.getLogger(__name__)
@@ -29,8 +38,8 @@ def layer_manifest(layers: list[QuantLinear]) -> list[dict]:
     ]
 
 
-def engine_for_log(model: torch.nn.Module, seedlog: SeedLog) -> Engine:
-    """An engine over `model` configured from the log, after checking layers and base hash.
+def engine_for_log(model: torch.nn.Module, seedlog: SeedLog, base: dict | None = None) -> Engine:
+    """An engine over `model` configured from the log, after checking its layers and its complete base identity.
 
     Any backend will do: the engine changes the GPTQ integers and keeps every backend's cache in step,
     so a log replays to the same codes whichever forward path the model was loaded with.
@@ -46,7 +55,7 @@ def engine_for_log(model: torch.nn.Module, seedlog: SeedLog) -> Engine:
                     f"model has {have.get(want['name'])}"
                 )
         raise SeedLogError(f"the model has {len(found)} quantized layers, the seed log {len(seedlog.meta['layers'])}")
-    seedlog.verify_base(codes_sha256(layers))
+    seedlog.verify_base(base or base_identity(model, codes_sha256(layers)))
     return Engine(layers, seedlog.noise, seedlog.update)
 
 
@@ -61,44 +70,54 @@ def replay_steps(
     stop = seedlog.iterations if stop is None else stop
     for iteration in range(start, stop):
         logged = seedlog.read_step(iteration)
+        fault_point("replay", iteration)
         engine.apply(logged.step)
         if logged.checkpoint is not None:
             got = engine.codes_sha256()
             if got != logged.checkpoint:
                 raise ReplayMismatch(
                     f"codes_sha256 after iteration {iteration} is {got}, but the seed log recorded "
-                    f"{logged.checkpoint}: the log (a coefficient, seed or step size) or the base "
-                    f"checkpoint was altered"
+                    f"{logged.checkpoint}: the replay does not reproduce the run (the engine or the base differs)"
                 )
         if on_step is not None:
             on_step(logged)
     return stop
 
 
+def replay_checkpoint(
+    base: str | Path, log_dir: str | Path, out_dir: str | Path, partial: bool = False
+) -> dict:
+    """`qes replay`: base checkpoint + seed log -> verified tuned GPTQ checkpoint in out_dir.
 
-def replay_checkpoint(base: str | Path, log_dir: str | Path, out_dir: str | Path) -> dict:
-    """`qes replay`: base checkpoint + seed log -> verified tuned GPTQ checkpoint in out_dir."""
+    The whole log is verified (hash chain, final.json) before the model is loaded; an unfinished log is
+    refused unless `partial`, and then the report says which iteration was re-derived.
+    """
     started = time.perf_counter()
+    refuse_overlap(out_dir, {"seed log": log_dir, "base": base})
     seedlog = SeedLog.open(log_dir)
+    seedlog.require_complete(partial)
+    finished = seedlog.finished
     model, tokenizer = load_quantized(base, backend="none")
     engine = engine_for_log(model, seedlog)
     iterations = replay_steps(engine, seedlog)
     final = engine.codes_sha256()
-    finished = seedlog.finished
-    if finished is not None and (finished["iterations"], finished["codes_sha256"]) != (iterations, final):
+    if finished is not None and finished["codes_sha256"] != final:
         raise ReplayMismatch(
             f"the run finished at iteration {finished['iterations']} with codes_sha256 "
             f"{finished['codes_sha256']}, replay reached {iterations} iterations with {final}"
         )
-    save_quantized(model, tokenizer, out_dir)
     report = {
         "base": str(base),
         "seed_log": str(log_dir),
         "iterations": iterations,
+        "finished": finished is not None,
         "base_codes_sha256": seedlog.meta["base_codes_sha256"],
+        "base_sha256": seedlog.meta["base"]["sha256"],
         "codes_sha256": final,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    (Path(out_dir) / "replay_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    save_quantized(model, tokenizer, out_dir, {"replay_report.json": json.dumps(report, indent=2) + "\n"})
+    if finished is None:
+        log.warning("re-derived iteration %d; the run did not finish", iterations)
     log.info("replayed %d iterations: codes_sha256 %s", iterations, final)
     return report

@@ -2,29 +2,38 @@
 
 One directory per run::
 
-    run.json            format version, base codes_sha256, layers, noise tables, update constants,
-                        population, global seed and every other hyperparameter
+    run.json            format version, the base's identity (codes_sha256 and a hash of every other part
+                        that shapes the output), layers, noise tables, update constants, population,
+                        global seed and every other hyperparameter
     steps/it-00000000.parquet ...
                         one file per iteration (its number is in the name), one row per member in
                         member order: seed, sign, coefficient (int), alpha_fp (int), reward (float32,
-                        for people);
-                        on checkpoint iterations the file's key-value metadata holds
+                        for people); the file's key-value metadata holds the iteration, the hash of
+                        the previous record, the record's own hash and, on checkpoint iterations,
                         `qes.codes_sha256`, the codes' hash after the iteration's update
-    final.json          written once the run has finished: iterations and final codes_sha256
+    final.json          written once the run has finished: iterations, final codes_sha256, and the
+                        hashes of run.json and of the last record
+
+The records form a hash chain: record t's hash covers every column, its iteration, its checkpoint and
+the hash of record t-1 (for t = 0, of run.json, which holds the base identity), and final.json holds
+the last record's hash. Any edit, removal or reordering of a record, of run.json or of the tail of a
+finished log breaks the chain, and the reader names the first record at fault. The chain proves
+integrity, not authorship: whoever rewrites the whole chain can make a consistent log (there are no
+signatures).
 
 Appends are crash-safe: a step file is written under a temporary name, flushed to disk and renamed,
 so a kill at any moment leaves either the complete file or none (stray temporary files are ignored
-and cleaned on resume). Parquet page checksums catch corrupted files. The reader validates format
-version, contiguity of iterations, member count and file integrity, and names the file at fault.
+and cleaned on resume). Parquet page checksums catch corrupted files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +41,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qes.faults import fault_point
-from qes.noise import NoiseSpec
-from qes.update import Step, UpdateConfig
+from qes.noise import NoiseSpec, member_seeds
+from qes.update import Step, UpdateConfig, alpha_fixed_point, alpha_schedule
 
 FORMAT = "qes-seedlog"
-VERSION = 1
+VERSION = 2
 _STEP_NAME = re.compile(r"^it-(\d{8})\.parquet$")
 
 STEP_SCHEMA = pa.schema(
@@ -49,12 +58,16 @@ STEP_SCHEMA = pa.schema(
     ]
 )
 CHECKPOINT_KEY = b"qes.codes_sha256"
+ITERATION_KEY = b"qes.iteration"
+PREV_KEY = b"qes.prev_sha256"
+RECORD_KEY = b"qes.record_sha256"
 # Small files matter (the log is a run's artefact, target <= 1 KB an iteration at population 50):
 # no Arrow schema copy, no statistics, no dictionaries; page checksums catch corruption.
 _WRITE_OPTIONS = dict(
     compression="zstd", store_schema=False, write_statistics=False, use_dictionary=False,
     write_page_checksum=True,
 )
+REQUIRED_META = ("base_codes_sha256", "base", "layers", "noise", "update", "population", "global_seed", "train")
 
 
 class SeedLogError(RuntimeError):
@@ -66,6 +79,43 @@ class LoggedStep:
     step: Step
     rewards: tuple[float, ...]
     checkpoint: str | None
+    record_sha256: str = field(default="", compare=False)
+
+
+def canonical_sha256(data: Any) -> str:
+    """sha256 of a JSON value in canonical form (sorted keys, no whitespace): formatting never counts."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def record_sha256(prev: str, iteration: int, rows: dict[str, list], checkpoint: str | None) -> str:
+    """Hash of one step record: every column as stored (rewards as float32 values), the iteration,
+    the checkpoint and the previous record's hash."""
+    return canonical_sha256(
+        {
+            "prev": prev,
+            "iteration": iteration,
+            "checkpoint": checkpoint,
+            **{name: rows[name] for name in STEP_SCHEMA.names},
+        }
+    )
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from `path`; every way it can be unreadable is an error that names the file."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as err:
+        raise SeedLogError(f"{path} is missing ({what})") from err
+    if not raw.strip():
+        raise SeedLogError(f"{path} is empty; expected the {what} as a JSON object")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SeedLogError(f"{path} is not valid JSON ({what}): {err}") from err
+    if not isinstance(data, dict):
+        raise SeedLogError(f"{path}: expected the {what} as a JSON object, found {type(data).__name__}")
+    return data
 
 
 def _write_atomic(path: Path, write, fault: tuple[str, int] | None = None) -> None:
@@ -90,41 +140,56 @@ def _write_json(path: Path, data: dict) -> None:
     _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
-def _write_step(path: Path, table: pa.Table, checkpoint: str | None) -> None:
+def _write_step(path: Path, table: pa.Table, metadata: dict[bytes, bytes]) -> None:
     with pq.ParquetWriter(path, table.schema, **_WRITE_OPTIONS) as writer:
         writer.write_table(table)
-        if checkpoint is not None:
-            writer.add_key_value_metadata({CHECKPOINT_KEY: checkpoint.encode()})
+        writer.add_key_value_metadata(metadata)
 
 
 @dataclass
 class SeedLog:
-    """A run directory; `create` starts one, `open` validates an existing one."""
+    """A run directory; `create` starts one, `open` reads and verifies an existing one.
+
+    Opening walks the whole hash chain (a millisecond or less per iteration) and keeps the records,
+    so a tampered log is refused before any model is loaded.
+    """
 
     path: Path
     meta: dict[str, Any]
+    records: list[LoggedStep] = field(default_factory=list)
 
     # --- writing -----------------------------------------------------------------------------------
 
     @classmethod
     def create(cls, path: str | Path, meta: dict[str, Any]) -> SeedLog:
-        """Start a new log. `meta` must hold base_codes_sha256, layers, noise, update, population."""
+        """Start a new log; `meta` must hold every key of REQUIRED_META."""
         path = Path(path)
         if (path / "run.json").exists():
             raise SeedLogError(f"{path} already holds a seed log; refusing to overwrite it")
-        for key in ("base_codes_sha256", "layers", "noise", "update", "population"):
-            if key not in meta:
-                raise ValueError(f"seed log metadata lacks {key!r}")
+        missing = [key for key in REQUIRED_META if key not in meta]
+        if missing:
+            raise ValueError(f"seed log metadata lacks {', '.join(missing)}")
         (path / "steps").mkdir(parents=True, exist_ok=True)
-        full = {"format": FORMAT, "version": VERSION, **meta}
+        full = json.loads(json.dumps({"format": FORMAT, "version": VERSION, **meta}))
         _write_json(path / "run.json", full)
         return cls(path, full)
+
+    @property
+    def run_sha256(self) -> str:
+        return canonical_sha256(self.meta)
+
+    @property
+    def head(self) -> str:
+        """Hash of the last record (of run.json while there is none): what the next record chains to."""
+        return self.records[-1].record_sha256 if self.records else self.run_sha256
 
     def append(self, logged: LoggedStep) -> None:
         step = logged.step
         n = len(step.seeds)
         if n != self.population:
             raise SeedLogError(f"step {step.iteration} has {n} members, the run has {self.population}")
+        if step.iteration != len(self.records):
+            raise SeedLogError(f"iteration {step.iteration} cannot follow {len(self.records)} logged iterations")
         table = pa.table(
             {
                 "seed": list(step.seeds),
@@ -135,18 +200,31 @@ class SeedLog:
             },
             schema=STEP_SCHEMA,
         )
-
+        prev = self.head
+        record = record_sha256(prev, step.iteration, table.to_pydict(), logged.checkpoint)
+        metadata = {ITERATION_KEY: str(step.iteration).encode(), PREV_KEY: prev.encode(), RECORD_KEY: record.encode()}
+        if logged.checkpoint is not None:
+            metadata[CHECKPOINT_KEY] = logged.checkpoint.encode()
         target = self.path / "steps" / f"it-{step.iteration:08d}.parquet"
         if target.exists():
             raise SeedLogError(f"{target} exists; a logged iteration is never rewritten")
-        _write_atomic(
-            target,
-            lambda tmp: _write_step(tmp, table, logged.checkpoint),
-            fault=("append", step.iteration),
-        )
+        _write_atomic(target, lambda tmp: _write_step(tmp, table, metadata), fault=("append", step.iteration))
+        rewards = tuple(table.column("reward").to_pylist())
+        self.records.append(LoggedStep(step, rewards, logged.checkpoint, record))
 
     def finish(self, iterations: int, codes_sha256: str) -> None:
-        _write_json(self.path / "final.json", {"iterations": iterations, "codes_sha256": codes_sha256})
+        if iterations != len(self.records):
+            raise SeedLogError(f"cannot finish at iteration {iterations}: {len(self.records)} are logged")
+        fault_point("finish", iterations)
+        _write_json(
+            self.path / "final.json",
+            {
+                "iterations": iterations,
+                "codes_sha256": codes_sha256,
+                "run_sha256": self.run_sha256,
+                "last_record_sha256": self.head,
+            },
+        )
 
     def clean_partial(self) -> list[Path]:
         """Remove temporary files a killed append may have left; returns what was removed."""
@@ -159,23 +237,28 @@ class SeedLog:
 
     @classmethod
     def open(cls, path: str | Path) -> SeedLog:
+        """Read a log and verify all of it: format, run.json, every record's hash and link, final.json."""
         path = Path(path)
+        if not path.is_dir():
+            raise SeedLogError(f"{path} is not a folder: not a seed log")
         run_file = path / "run.json"
         if not run_file.is_file():
             raise SeedLogError(f"{path} holds no run.json: not a seed log")
-        try:
-            meta = json.loads(run_file.read_text())
-        except json.JSONDecodeError as err:
-            raise SeedLogError(f"{run_file} is corrupted: {err}") from err
+        meta = read_json(run_file, "seed log's run description")
         if meta.get("format") != FORMAT:
             raise SeedLogError(f"{run_file}: format {meta.get('format')!r} is not {FORMAT!r}")
         if meta.get("version") != VERSION:
+            old = " (written before logs were hash-chained; it cannot be verified)" if meta.get("version") == 1 else ""
             raise SeedLogError(
-                f"{run_file}: seed log format version {meta.get('version')!r}, "
-                f"this qes reads version {VERSION}"
+                f"{run_file}: seed log format version {meta.get('version')!r}{old}; this qes reads version "
+                f"{VERSION} only. Re-run the finetune to write a verifiable log."
             )
+        missing = [key for key in REQUIRED_META if key not in meta]
+        if missing:
+            raise SeedLogError(f"{run_file} lacks {', '.join(missing)}: not a complete seed log")
         log = cls(path, meta)
-        _ = log.iterations  # validates contiguity now
+        log._read_records()
+        log._check_final()
         return log
 
     @property
@@ -191,9 +274,13 @@ class SeedLog:
         return UpdateConfig.from_json(self.meta["update"])
 
     @property
+    def iterations(self) -> int:
+        return len(self.records)
+
+    @property
     def finished(self) -> dict | None:
         final = self.path / "final.json"
-        return json.loads(final.read_text()) if final.is_file() else None
+        return read_json(final, "record of the finished run") if final.exists() else None
 
     def step_files(self) -> list[Path]:
         steps = self.path / "steps"
@@ -201,49 +288,52 @@ class SeedLog:
             raise SeedLogError(f"{self.path} has no steps/ directory")
         return sorted(p for p in steps.iterdir() if not p.name.startswith(".tmp-"))
 
-    @property
-    def iterations(self) -> int:
-        """Number of logged iterations; raises unless they are exactly 0..n-1."""
-        numbers = []
-        for p in self.step_files():
-            match = _STEP_NAME.match(p.name)
+    def _read_records(self) -> None:
+        files = self.step_files()
+        for expected, path in enumerate(files):
+            match = _STEP_NAME.match(path.name)
             if not match:
-                raise SeedLogError(f"unexpected file {p} in the seed log's steps/")
-            numbers.append(int(match.group(1)))
-        for expected, found in enumerate(numbers):
-            if found != expected:
+                raise SeedLogError(f"unexpected file {path} in the seed log's steps/")
+            if int(match.group(1)) != expected:
                 raise SeedLogError(
-                    f"iterations in {self.path / 'steps'} are not contiguous: "
-                    f"expected iteration {expected}, found {found}"
+                    f"iterations in {self.path / 'steps'} are not contiguous: expected iteration {expected}, "
+                    f"found {path.name} (a record was removed or renamed)"
                 )
-        return len(numbers)
+            self.records.append(self._read_record(path, expected, self.head))
 
-    def verify_base(self, codes_sha256: str) -> None:
-        want = self.meta["base_codes_sha256"]
-        if codes_sha256 != want:
-            raise SeedLogError(
-                f"base checkpoint mismatch: the seed log {self.path} was made from codes_sha256 "
-                f"{want}, the given base has {codes_sha256}"
-            )
-
-    def read_step(self, iteration: int) -> LoggedStep:
-        path = self.path / "steps" / f"it-{iteration:08d}.parquet"
-        try:
-            table = pq.read_table(path, page_checksum_verification=True)
-        except FileNotFoundError as err:
-            raise SeedLogError(f"missing step file {path}") from err
+    def _read_record(self, path: Path, iteration: int, prev: str) -> LoggedStep:
+        try:  # one read into memory and no thread pool: a step file is about 1 KB, and a log has thousands
+            source = pa.BufferReader(pa.py_buffer(path.read_bytes()))
+            table = pq.ParquetFile(source, page_checksum_verification=True).read(use_threads=False)
         except (pa.ArrowException, OSError) as err:
             raise SeedLogError(f"step file {path} is truncated or corrupted: {err}") from err
         if table.schema.remove_metadata() != STEP_SCHEMA:
             raise SeedLogError(f"step file {path} has schema {table.schema}, expected {STEP_SCHEMA}")
-        rows = table.to_pydict()
-        if table.num_rows != self.population:
+        metadata = table.schema.metadata or {}
+        stored_iteration = metadata.get(ITERATION_KEY, b"").decode()
+        if stored_iteration != str(iteration):
             raise SeedLogError(
-                f"step file {path} holds {table.num_rows} members, the run has {self.population}"
+                f"step file {path} holds iteration {stored_iteration or '?'}, not {iteration}: records were "
+                f"renamed or reordered"
             )
-        if len(set(rows["alpha_fp"])) != 1:
-            raise SeedLogError(f"step file {path} mixes step sizes")
-        checkpoint = (table.schema.metadata or {}).get(CHECKPOINT_KEY)
+        checkpoint = metadata.get(CHECKPOINT_KEY)
+        checkpoint = checkpoint.decode() if checkpoint else None
+        rows = table.to_pydict()
+        record = record_sha256(prev, iteration, rows, checkpoint)
+        if metadata.get(PREV_KEY, b"").decode() != prev:
+            what = "run.json" if iteration == 0 else f"the record of iteration {iteration - 1}"
+            raise SeedLogError(
+                f"seed log record of iteration {iteration} ({path}) does not follow {what}: {what} was edited, "
+                f"or records were removed or reordered"
+            )
+        if metadata.get(RECORD_KEY, b"").decode() != record:
+            raise SeedLogError(
+                f"seed log record of iteration {iteration} ({path}) was altered: its content (seeds, signs, "
+                f"coefficients, step size, rewards or hash checkpoint) does not match its recorded hash"
+            )
+        if table.num_rows != self.population:
+            raise SeedLogError(f"step file {path} holds {table.num_rows} members, the run has {self.population}")
+        self._check_semantics(path, iteration, rows)
         step = Step(
             iteration=iteration,
             alpha_fp=rows["alpha_fp"][0],
@@ -251,12 +341,91 @@ class SeedLog:
             signs=tuple(rows["sign"]),
             coefs=tuple(rows["coef"]),
         )
-        return LoggedStep(step, tuple(rows["reward"]), checkpoint.decode() if checkpoint else None)
+        return LoggedStep(step, tuple(rows["reward"]), checkpoint, record)
+
+    def _check_semantics(self, path: Path, iteration: int, rows: dict[str, list]) -> None:
+        """What the run's own settings fix: member seeds and signs, and the step size of the iteration."""
+        train = self.meta["train"]
+        seeds = member_seeds(int(self.meta["global_seed"]), iteration, self.population // 2)
+        if rows["seed"] != [s for s in seeds for _ in (1, -1)] or rows["sign"] != [1, -1] * len(seeds):
+            raise SeedLogError(f"step file {path}: members are not the mirrored pairs of iteration {iteration}")
+        alpha = alpha_schedule(
+            float(train["alpha"]), int(train["alpha_warmup"]), train["alpha_decay"], int(train["iterations"]),
+            iteration,
+        )
+        want = alpha_fixed_point(alpha, float(train["sigma"]))
+        if set(rows["alpha_fp"]) != {want}:
+            raise SeedLogError(
+                f"step file {path}: step size {sorted(set(rows['alpha_fp']))} differs from the run's "
+                f"alpha schedule ({want} at iteration {iteration})"
+            )
+
+    def _check_final(self) -> None:
+        final = self.finished
+        if final is None:
+            return
+        where = self.path / "final.json"
+        want = {
+            "iterations": self.iterations,
+            "run_sha256": self.run_sha256,
+            "last_record_sha256": self.head,
+        }
+        for key, value in want.items():
+            if final.get(key) != value:
+                raise SeedLogError(
+                    f"{where} does not match the log: {key} is {final.get(key)!r} there, the log gives {value!r} "
+                    f"(run.json or records were edited or removed after the run finished)"
+                )
+        if not isinstance(final.get("codes_sha256"), str):
+            raise SeedLogError(f"{where} lacks the final codes_sha256")
+
+    def require_complete(self, partial: bool = False) -> None:
+        """Refuse an empty log, and an unfinished one unless `partial` (a run that did not finish)."""
+        if self.iterations == 0:
+            raise SeedLogError(f"the seed log {self.path} holds no iterations: there is nothing to re-derive")
+        if self.finished is None and not partial:
+            raise SeedLogError(
+                f"the seed log {self.path} has no final.json: the run did not finish ({self.iterations} "
+                f"iterations logged). Pass --partial to re-derive iteration {self.iterations} anyway."
+            )
+
+    def verify_base(self, identity: dict[str, Any]) -> None:
+        """Refuse a base whose identity differs from the one the run started from, naming the parts."""
+        want = self.meta["base"]
+        if identity.get("sha256") == want.get("sha256"):
+            return
+        theirs, ours = want.get("parts", {}), identity.get("parts", {})
+        differ = [part for part in sorted(set(theirs) | set(ours)) if theirs.get(part) != ours.get(part)]
+        detail = "; ".join(
+            f"{part}: log {str(theirs.get(part, 'absent'))[:16]}…, given {str(ours.get(part, 'absent'))[:16]}…"
+            for part in differ
+        )
+        names = ", ".join(differ) or "identity"
+        raise SeedLogError(
+            f"base checkpoint mismatch in {names}: the seed log {self.path} was made from a different base "
+            f"({detail})"
+        )
+
+    def read_step(self, iteration: int) -> LoggedStep:
+        return self.records[iteration]
 
     def steps(self, start: int = 0) -> Iterator[LoggedStep]:
-        for iteration in range(start, self.iterations):
-            yield self.read_step(iteration)
+        yield from self.records[start:]
 
     def bytes_per_iteration(self) -> float:
         files = self.step_files()
         return sum(p.stat().st_size for p in files) / max(len(files), 1)
+
+
+def no_op_report(seedlog: SeedLog, final: str) -> dict:
+    """Whether the run changed anything: codes equal to the base's, members tied in every iteration."""
+    tied = all(all(c == 0 for c in r.step.coefs) for r in seedlog.records)
+    changed = final != seedlog.meta["base_codes_sha256"]
+    warnings = []
+    if not changed:
+        why = "every member tied in every iteration" if tied else "no step was large enough to move a code"
+        warnings.append(
+            f"no code changed in {seedlog.iterations} iterations ({why}): the tuned model is the base model. "
+            f"Try a larger alpha or sigma, more prompts per iteration, or a task the model scores unevenly on."
+        )
+    return {"codes_changed": changed, "all_members_tied": tied, "warnings": warnings}

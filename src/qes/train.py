@@ -20,17 +20,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qes import __version__
-from qes.codes import QuantLinear, codes_sha256
+from qes.codes import QuantLinear, base_identity, codes_sha256
+from qes.config import ConfigError, check_values, complete, finetune_conflicts
 from qes.dist import Ranks
 from qes.engine import Engine
 from qes.faults import fault_point
+from qes.fsutil import refuse_overlap
 from qes.noise import NoiseSpec, member_seeds
 from qes.replay import engine_for_log, layer_manifest, replay_steps
-from qes.seedlog import LoggedStep, SeedLog, SeedLogError, _write_atomic
-from qes.update import Step, UpdateConfig, alpha_fixed_point, quantize_coefficients
+from qes.seedlog import LoggedStep, SeedLog, SeedLogError, _write_atomic, no_op_report
+from qes.update import Step, UpdateConfig, alpha_fixed_point, alpha_schedule, quantize_coefficients
 
 log = logging.getLogger(__name__)
-SHAPINGS = ("pair_zscore", "centered_rank")
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class TrainConfig:
     iterations: int = 20
     population: int = 8
     sigma: float = 0.01
-    alpha: float = 5e-4
+    alpha: float = 0.003
     alpha_warmup: int = 0
     alpha_decay: str = "constant"
     shaping: str = "pair_zscore"
@@ -50,23 +51,15 @@ class TrainConfig:
     update: UpdateConfig = field(default_factory=UpdateConfig)
 
     def __post_init__(self) -> None:
-        if self.population < 2 or self.population % 2:
-            raise ValueError(f"population must be an even number >= 2 (mirrored pairs), got {self.population}")
-        if self.shaping not in SHAPINGS:
-            raise ValueError(f"shaping must be one of {SHAPINGS}, got {self.shaping!r}")
-        if self.alpha_decay not in ("constant", "cosine"):
-            raise ValueError(f"alpha_decay must be 'constant' or 'cosine', got {self.alpha_decay!r}")
-        if self.iterations < 1 or self.checkpoint_every < 1:
-            raise ValueError("iterations and checkpoint_every must be >= 1")
+        block = {k: v for k, v in asdict(self).items() if k != "update"}
+        check_values("finetune", block, source="finetune settings")
+        problems = finetune_conflicts(block)
+        if problems:
+            raise ConfigError("invalid finetune settings:\n  " + "\n  ".join(problems))
 
     def alpha_at(self, t: int) -> float:
         """Step size of iteration t: linear warm-up, then constant or cosine decay to zero."""
-        if t < self.alpha_warmup:
-            return self.alpha * (t + 1) / (self.alpha_warmup + 1)
-        if self.alpha_decay == "cosine":
-            span = max(self.iterations - self.alpha_warmup, 1)
-            return self.alpha * 0.5 * (1 + math.cos(math.pi * (t - self.alpha_warmup) / span))
-        return self.alpha
+        return alpha_schedule(self.alpha, self.alpha_warmup, self.alpha_decay, self.iterations, t)
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -104,9 +97,10 @@ def shape_rewards(rewards: list[float], shaping: str, clip: float) -> list[float
     return [max(-clip, min(clip, r / (n - 1) - 0.5)) for r in ranks]
 
 
-def _run_meta(cfg: TrainConfig, layers: list[QuantLinear], base_hash: str, extra: dict) -> dict:
+def _run_meta(cfg: TrainConfig, layers: list[QuantLinear], base: dict, extra: dict) -> dict:
     return {
-        "base_codes_sha256": base_hash,
+        "base_codes_sha256": base["parts"]["codes"],
+        "base": base,
         "layers": layer_manifest(layers),
         "noise": NoiseSpec.from_sigma(cfg.sigma).to_json(),
         "update": cfg.update.to_json(),
@@ -119,24 +113,30 @@ def _run_meta(cfg: TrainConfig, layers: list[QuantLinear], base_hash: str, extra
 
 
 def _comparable(meta: dict) -> dict:
-    return {k: v for k, v in meta.items() if k not in ("format", "version", "qes_version")}
+    return {k: v for k, v in meta.items() if k not in ("format", "version", "qes_version", "base", "base_codes_sha256")}
 
 
-def open_or_create(run_dir: Path, cfg: TrainConfig, layers: list[QuantLinear], extra: dict) -> SeedLog:
-    """Open the run's seed log if it exists (refusing a different base or config), else create it."""
-    base_hash = codes_sha256(layers)
-    meta = _run_meta(cfg, layers, base_hash, extra)
-    if not (run_dir / "run.json").exists():
-        return SeedLog.create(run_dir, meta)
-    seedlog = SeedLog.open(run_dir)
-    seedlog.verify_base(base_hash)
-    old, new = _comparable(seedlog.meta), _comparable(json.loads(json.dumps(meta)))
+def refuse_other_config(run_dir: Path, old: dict, new: dict) -> None:
+    """Refuse to resume a run whose logged settings differ from the given ones, naming the first difference."""
+    old, new = _comparable(old), _comparable(json.loads(json.dumps(new)))
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             raise SeedLogError(
                 f"{run_dir} holds a run with a different {key!r} (log: {old.get(key)!r}, config: "
                 f"{new.get(key)!r}); refusing to resume it. Choose another run name or remove the folder."
             )
+
+
+def open_or_create(run_dir: Path, cfg: TrainConfig, layers: list[QuantLinear], base: dict, extra: dict) -> SeedLog:
+    """Open the run's seed log if it exists (refusing a different base or config), else create it."""
+    meta = _run_meta(cfg, layers, base, extra)
+    if not (run_dir / "run.json").exists():
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            raise SeedLogError(f"{run_dir} holds files but no seed log (run.json); refusing to write a run into it")
+        return SeedLog.create(run_dir, meta)
+    seedlog = SeedLog.open(run_dir)
+    seedlog.verify_base(base)
+    refuse_other_config(run_dir, seedlog.meta, meta)
     return seedlog
 
 
@@ -174,15 +174,16 @@ def train(
     """
     run_dir = Path(run_dir)
     ranks = ranks or Ranks()
+    base = base_identity(model, codes_sha256(layers))
     if ranks.is_writer:
-        seedlog = open_or_create(run_dir, cfg, layers, extra_meta or {})
+        seedlog = open_or_create(run_dir, cfg, layers, base, extra_meta or {})
         seedlog.clean_partial()
     ranks.barrier()
     if not ranks.is_writer:
         seedlog = SeedLog.open(run_dir)
-        seedlog.verify_base(codes_sha256(layers))
+        seedlog.verify_base(base)
     done = seedlog.iterations
-    engine = engine_for_log(model, seedlog) if done else Engine(layers, seedlog.noise, seedlog.update)
+    engine = engine_for_log(model, seedlog, base) if done else Engine(layers, seedlog.noise, seedlog.update)
     if done:
         log.info("resuming %s: replaying %d logged iterations", run_dir, done)
         replay_steps(engine, seedlog)
@@ -273,24 +274,28 @@ class FinetuneConfig:
 
     train: TrainConfig = field(default_factory=TrainConfig)
     batch_prompts: int = 16
-    max_new_tokens: int = 64
+    max_new_tokens: int = 48
     device: str = "auto"
     backend: str = "auto"
     dtype: str = "auto"
     ranks: int = 1
     launcher: str = "torchrun"
+    fail_if_unchanged: bool = False
 
     def __post_init__(self) -> None:
-        from qes.qlinear import BACKENDS
+        stage = {k: v for k, v in asdict(self).items() if k != "train"}
+        check_values("finetune", stage, source="finetune settings")
+        problems = finetune_conflicts({**self.to_block(), "ranks": self.ranks})
+        if problems:
+            raise ConfigError("invalid finetune settings:\n  " + "\n  ".join(problems))
 
-        if self.backend not in BACKENDS:
-            raise ValueError(f"finetune.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"finetune.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.ranks < 1 or self.ranks > self.train.population:
-            raise ValueError(f"finetune.ranks must be in [1, population={self.train.population}], got {self.ranks}")
-        if self.launcher not in ("torchrun", "srun"):
-            raise ValueError(f"finetune.launcher must be 'torchrun' or 'srun', got {self.launcher!r}")
+    def to_block(self) -> dict:
+        """The settings as the config's `finetune:` block (without the run name)."""
+        train = {k: v for k, v in asdict(self.train).items() if k != "update"}
+        update = self.train.update
+        residual = {"mode": update.mode, "gamma": update.gamma, "window": update.window, "clamp": update.residual_clamp}
+        stage = {k: v for k, v in asdict(self).items() if k != "train"}
+        return {**train, "residual": residual, **stage}
 
 
 def prompt_indices(global_seed: int, iteration: int, total: int, count: int) -> list[int]:
@@ -314,6 +319,37 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _stage_meta(cfg: FinetuneConfig, quantized_dir: str | Path, train_parquet: str | Path) -> dict:
+    """What run.json records of the finetune stage beyond the QES hyperparameters."""
+    return {
+        "base_checkpoint": str(quantized_dir),
+        "task_data": str(train_parquet),
+        "batch_prompts": cfg.batch_prompts,
+        "max_new_tokens": cfg.max_new_tokens,
+    }
+
+
+def check_resumable(run_dir: str | Path, block: dict, quantized_dir: str | Path, train_parquet: str | Path) -> None:
+    """Refuse settings that differ from those of the seed log already in `run_dir` (if any), or a broken log.
+
+    The workflow calls this while it plans the jobs, so a run that cannot be resumed is refused before
+    Snakemake removes the finished outputs of the earlier run.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").exists():
+        return
+    cfg = finetune_config(block)
+    seedlog = SeedLog.open(run_dir)
+    expected = {
+        "train": cfg.train.to_json(),
+        "population": cfg.train.population,
+        "global_seed": cfg.train.global_seed,
+        "update": cfg.train.update.to_json(),
+        **_stage_meta(cfg, quantized_dir, train_parquet),
+    }
+    refuse_other_config(run_dir, {key: seedlog.meta.get(key) for key in expected}, expected)
+
+
 def finetune(
     quantized_dir: str | Path,
     train_parquet: str | Path,
@@ -326,6 +362,7 @@ def finetune(
     from qes.dist import close_ranks, init_ranks
     from qes.fitness import GenerationConfig, load_batch, score
 
+    refuse_overlap(run_dir, {"model": quantized_dir, "train": train_parquet}, "--run-dir")
     device = resolve_device(cfg.device)
     ranks = init_ranks(device)
     model, tokenizer = load_quantized(quantized_dir, device=device, dtype=cfg.dtype, backend=cfg.backend)
@@ -348,12 +385,7 @@ def finetune(
         return score(model, cache[t], generation).mean_reward
 
     started = time.perf_counter()
-    extra = {
-        "base_checkpoint": str(quantized_dir),
-        "task_data": str(train_parquet),
-        "batch_prompts": cfg.batch_prompts,
-        "max_new_tokens": cfg.max_new_tokens,
-    }
+    extra = _stage_meta(cfg, quantized_dir, train_parquet)
     layers = quantized_linears(model)
     try:
         final = train(model, layers, fitness, cfg.train, run_dir, extra, on_iteration, ranks)
@@ -364,14 +396,23 @@ def finetune(
 
 
 def _summary(run_dir: str | Path, final: str, cfg: FinetuneConfig, device: str, seconds: float) -> dict:
+    """summary.json of the stage; warns loudly (and fails under fail_if_unchanged) when nothing changed."""
+    seedlog = SeedLog.open(run_dir)
+    report = no_op_report(seedlog, final)
+    for warning in report["warnings"]:
+        log.warning("%s: %s", run_dir, warning)
+    if cfg.fail_if_unchanged and not report["codes_changed"]:
+        raise RuntimeError(f"finetune.fail_if_unchanged is set and {report['warnings'][0]}")
     return {
         "run_dir": str(run_dir),
         "codes_sha256": final,
-        "base_codes_sha256": SeedLog.open(run_dir).meta["base_codes_sha256"],
+        "base_codes_sha256": seedlog.meta["base_codes_sha256"],
+        "base_sha256": seedlog.meta["base"]["sha256"],
         "iterations": cfg.train.iterations,
         "device": device,
         "ranks": cfg.ranks,
         "seconds": round(seconds, 2),
+        **report,
     }
 
 
@@ -409,16 +450,12 @@ def run_finetune(
     return _summary(run_dir, finished["codes_sha256"], cfg, resolve_device(cfg.device), time.perf_counter() - started)
 
 
-def finetune_config(values: dict) -> FinetuneConfig:
-    """The config's finetune block as a FinetuneConfig; keys left out take the dataclass defaults."""
-    values = dict(values)
-    residual = dict(values.pop("residual", {}))
-    if "clamp" in residual:
-        residual["residual_clamp"] = residual.pop("clamp")
-    stage_keys = ("batch_prompts", "max_new_tokens", "device", "backend", "dtype", "ranks", "launcher")
-    outer = {k: values.pop(k) for k in stage_keys if k in values}
-    values.pop("run", None)
-    unknown = set(values) - set(TrainConfig.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"unknown finetune setting(s): {', '.join(sorted(unknown))}")
+def finetune_config(values: dict, source: str = "finetune settings") -> FinetuneConfig:
+    """The config's finetune block as a FinetuneConfig, validated by the schema; keys left out take its defaults."""
+    values = complete(values, "finetune", source=source)
+    residual = values.pop("residual")
+    residual["residual_clamp"] = residual.pop("clamp")
+    stage_keys = [f for f in FinetuneConfig.__dataclass_fields__ if f != "train"]
+    outer = {k: values.pop(k) for k in stage_keys}
+    values.pop("run")
     return FinetuneConfig(train=TrainConfig(**values, update=UpdateConfig(**residual)), **outer)

@@ -22,9 +22,12 @@ gamma = 0.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are made: reading a seed log needs no torch
+    import torch
 
 COEF_BITS = 16
 ALPHA_BITS = 24
@@ -39,19 +42,17 @@ class UpdateConfig:
 
     mode: str = "replay"
     gamma: float = 0.9
-    window: int = 50
+    window: int = 10
     residual_clamp: float = 1.5
     chunk_codes: int = 1 << 24
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"update mode must be one of {MODES}, got {self.mode!r}")
-        if not 0.0 <= self.gamma < 1.0:
-            raise ValueError(f"gamma must be in [0, 1), got {self.gamma}")
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
-        if not 0.5 <= self.residual_clamp < 2.0:
-            raise ValueError(f"residual_clamp must be in [0.5, 2), got {self.residual_clamp}")
+        from qes.config import check_values
+
+        block = {"mode": self.mode, "gamma": self.gamma, "window": self.window, "clamp": self.residual_clamp}
+        check_values(("finetune", "residual"), block, source="residual settings")
+        if self.chunk_codes < 1:
+            raise ValueError(f"chunk_codes must be >= 1, got {self.chunk_codes}")
 
     @property
     def gamma_fp(self) -> int:
@@ -117,6 +118,16 @@ def quantize_coefficients(values: list[float]) -> tuple[int, ...]:
     return tuple(int(abs(v) * scale + 0.5) * (1 if v >= 0 else -1) for v in values)
 
 
+def alpha_schedule(alpha: float, warmup: int, decay: str, iterations: int, t: int) -> float:
+    """Step size of iteration t: linear warm-up over `warmup` iterations, then constant or cosine decay to zero."""
+    if t < warmup:
+        return alpha * (t + 1) / (warmup + 1)
+    if decay == "cosine":
+        span = max(iterations - warmup, 1)
+        return alpha * 0.5 * (1 + math.cos(math.pi * (t - warmup) / span))
+    return alpha
+
+
 def alpha_fixed_point(alpha: float, sigma: float) -> int:
     """A_t = round(alpha / sigma * 2^ALPHA_BITS), the logged step size."""
     return round(alpha / sigma * (1 << ALPHA_BITS))
@@ -136,6 +147,8 @@ def feedback_step(
     u: torch.Tensor, e: torch.Tensor, codes: torch.Tensor, max_code: int, cfg: UpdateConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One error-feedback step on aligned int64 tensors: returns (applied code deltas, new residual)."""
+    import torch
+
     s = u + rsr(e * cfg.gamma_fp, GAMMA_BITS) if cfg.gamma_fp else u
     d = rsr(s, RESIDUAL_BITS)
     target = codes + d

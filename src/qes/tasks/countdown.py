@@ -602,8 +602,13 @@ class TaskSettings:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TaskSettings:
-        """Build from the config's ``task`` block; unknown keys are an error."""
-        values = dict(values)
+        """Build from the config's ``task`` block, validated by the config schema (its defaults fill the gaps)."""
+        from qes.config import ConfigError, complete, task_conflicts
+
+        values = complete(dict(values), "task", source="task settings")
+        conflicts = task_conflicts(values)
+        if conflicts:
+            raise ConfigError("invalid task settings:\n  " + "\n  ".join(conflicts))
         gen_keys = set(CountdownConfig.__dataclass_fields__)
         top_keys = {"name", "train_file", "eval_file", "prompt"}
         unknown = sorted(set(values) - gen_keys - top_keys)
