@@ -201,5 +201,7 @@ def resumable_run(run):
     """
     from qes.train import check_resumable
 
-    check_resumable(seed_log_dir(run), finetune_settings(run), quantized_model(), task_data("train"))
+    check_resumable(
+        seed_log_dir(run), finetune_settings(run), quantized_model(), task_data("train")
+    )
     return []

@@ -294,15 +294,17 @@ def test_task_settings_from_dict():
     s = TaskSettings.from_dict({"num_count_max": 3, "eval_size": 7, "prompt": {"few_shot": 0}})
     assert s.generator.num_count_max == 3 and s.generator.eval_size == 7 and s.prompt.examples == ()
     assert TaskSettings.from_dict({}) == TaskSettings()
-    with pytest.raises(ValueError, match="unknown task setting"):
+    with pytest.raises(ValueError, match=r"task: Additional properties are not allowed \('sizes' was unexpected\)"):
         TaskSettings.from_dict({"sizes": 3})
-    with pytest.raises(ValueError, match=r"unknown task\.prompt setting"):
+    with pytest.raises(ValueError, match=r"task\.prompt: Additional properties are not allowed \('shots'"):
         TaskSettings.from_dict({"prompt": {"shots": 1}})
-    with pytest.raises(ValueError, match="unknown task"):
+    with pytest.raises(ValueError, match=r"task\.name: 'gsm8k' is not one of \['countdown'\]"):
         TaskSettings.from_dict({"name": "gsm8k"})
+    with pytest.raises(ValueError, match=r"task\.num_count_min \(4\) is greater than task\.num_count_max \(3\)"):
+        TaskSettings.from_dict({"num_count_min": 4})
     with pytest.raises(ValueError, match="may only use the fields"):
         TaskSettings.from_dict({"prompt": {"user_template": "reach {goal}"}})
-    nulls = TaskSettings.from_dict({"prompt": {"system": None, "user_template": None, "few_shot": None}})
+    nulls = TaskSettings.from_dict({"prompt": {"system": None, "user_template": None, "assistant_prefix": None}})
     assert nulls.prompt == PromptStyle()
 
 

@@ -187,9 +187,9 @@ def test_chunking_does_not_change_results(tiny_gptq) -> None:
 
 
 def test_config_errors() -> None:
-    with pytest.raises(ValueError, match="update mode must be one of"):
+    with pytest.raises(ValueError, match=r"finetune\.residual\.mode: 'full' is not one of \['replay', 'stored'"):
         UpdateConfig(mode="full")
-    with pytest.raises(ValueError, match="gamma must be in"):
+    with pytest.raises(ValueError, match=r"finetune\.residual\.gamma: 1\.0 is greater than or equal to the maximum"):
         UpdateConfig(gamma=1.0)
 
 
