@@ -333,9 +333,33 @@ def test_missing_inputs_are_named(tmp_path: Path) -> None:
 
 
 def test_failed_fetch_leaves_no_empty_folder(tmp_path: Path) -> None:
-    result = _qes("fetch", "--source", f"local:{tmp_path / 'missing'}", "--out", str(tmp_path / "a" / "b" / "model"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "qes.cli", "fetch", "--source", "hf:someorg/somerepo"],
+                            cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 2
-    assert not (tmp_path / "a").exists()
+    assert "cannot download 'someorg/somerepo'" in result.stderr.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []  # not even results/models/
+
+
+def test_a_stage_error_ends_the_log_and_reaches_the_console(tmp_path: Path) -> None:
+    script = (
+        "from qes.logutil import log_to\n"
+        "from qes.seedlog import SeedLog\n"
+        f"with log_to({str(tmp_path / 'stage.log')!r}) as log:\n"
+        "    log.warning('heads up')\n"
+        f"    SeedLog.open({str(tmp_path)!r})\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    log_lines = (tmp_path / "stage.log").read_text().strip().splitlines()
+    assert "Traceback" in (tmp_path / "stage.log").read_text()
+    assert log_lines[-1].endswith(f"ERROR qes: SeedLogError: {tmp_path} holds no run.json: not a seed log")
+    console = result.stderr.strip().splitlines()
+    assert console[0] == f"WARNING: heads up (log: {tmp_path / 'stage.log'})"
+    assert console[-1] == (
+        f"ERROR: SeedLogError: {tmp_path} holds no run.json: not a seed log (log: {tmp_path / 'stage.log'})"
+    )
+    assert not any("Traceback" in line for line in console)
 
 
 def test_finetune_refuses_a_folder_that_is_not_a_seed_log(tiny_gptq, tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from qes import _env  # noqa: F401  (HF_HOME default)
-from qes.fsutil import atomic_dir, file_hashes, sha256_file
+from qes.fsutil import atomic_dir, file_hashes, refuse_overlap, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +293,8 @@ def fetch_model(cfg: FetchConfig, out_dir: str | Path, *, endpoint: str | None =
 
     out_dir = Path(out_dir)
     kind, location = parse_source(cfg.source)
+    if kind == "local":
+        refuse_overlap(out_dir, {"source": location}, "output folder")
     start = time.perf_counter()
     manifest: dict[str, Any] = {"name": cfg.name, "source": cfg.source, "kind": kind}
     with atomic_dir(out_dir) as tmp:

@@ -20,9 +20,10 @@ def _without_traceback(record: logging.LogRecord) -> bool:
 def log_to(path: str | Path, level: int = logging.INFO) -> Iterator[logging.Logger]:
     """Send logging records and the process' stdout/stderr (also from C extensions) to ``path``.
 
-    The project's warnings and errors also reach the console (the process' original stderr), one line each. An exception
-    escaping the block is written to the log with its traceback, followed by its message as the last line
-    (also on the console), then re-raised.
+    The project's warnings and errors also reach the console (the process' original stderr), one line each.
+    An exception escaping the block is written to the log with its traceback, followed by its message as the
+    log's last line; the console gets that line alone and the process exits with status 1 (the block is a
+    pipeline step's whole script, so nothing is left to handle it).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,10 +47,15 @@ def log_to(path: str | Path, level: int = logging.INFO) -> Iterator[logging.Logg
         root.setLevel(level)
         try:
             yield logger
-        except BaseException as error:
+        except Exception as error:
             logger.exception("step failed")
             logger.error("%s: %s", type(error).__name__, error)
+            failed = True
+        except BaseException:
+            logger.exception("step interrupted")
             raise
+        else:
+            failed = False
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -59,3 +65,5 @@ def log_to(path: str | Path, level: int = logging.INFO) -> Iterator[logging.Logg
             for fd, copy in saved.items():
                 os.dup2(copy, fd)
                 os.close(copy)
+    if failed:
+        raise SystemExit(1)

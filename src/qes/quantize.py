@@ -518,6 +518,9 @@ def quantize_model(
 
     widths = linear_in_features(model_dir)
     check_group_size(widths, cfg)
+    from qes.fsutil import refuse_overlap
+
+    refuse_overlap(out_dir, {"float model": model_dir}, "output folder")
     stored_dtype = stored_float_dtype(model_dir)
     compute_dtype = COMPUTE_DTYPE
 
