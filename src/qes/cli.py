@@ -275,10 +275,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     _existing(args.tuned, "--tuned")
     _existing(args.eval, "--eval", "file")
     _fresh_out(args.out, args, {"base": args.base, "tuned": args.tuned, "eval": args.eval})
-    metrics = compare(
-        args.base, args.tuned, args.eval, cfg,
-        args.out / "metrics.json", args.out / "base_examples.parquet", args.out / "tuned_examples.parquet",
-    )
+    from qes.fsutil import atomic_dir
+
+    with atomic_dir(args.out) as tmp:
+        metrics = compare(
+            args.base, args.tuned, args.eval, cfg,
+            tmp / "metrics.json", tmp / "base_examples.parquet", tmp / "tuned_examples.parquet",
+        )
     print(json.dumps(metrics["difference"]))
     return 0
 
