@@ -55,7 +55,7 @@ def main() -> None:
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch)
     [plain_chunk] = batch.chunks(args.batch)  # plain left-padded prompts, as a user would call generate
     ids, mask = plain_chunk.input_ids, plain_chunk.attention_mask
-    gen_cfg = hf_generation_config(cfg, batch)
+    gen_cfg = hf_generation_config(replace(cfg, stop_strings=()), batch)  # a plain call knows no stop strings
 
     def timed(fn: Callable[[], int]) -> tuple[int, float]:
         start = time.perf_counter()
@@ -66,6 +66,7 @@ def main() -> None:
     sides: dict[str, Callable[[], int]] = {
         "fitness score (shared prefix)": lambda: score(model, batch, cfg).generated_tokens,
         "fitness score (no sharing)": lambda: score(model, batch, replace(cfg, share_prefix=False)).generated_tokens,
+        "fitness score (no stop strings)": lambda: score(model, batch, replace(cfg, stop_strings=())).generated_tokens,
         plain: lambda: plain_generate(model, ids, mask, gen_cfg, batch.eos_token_id),
     }
     names = list(sides)

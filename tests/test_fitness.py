@@ -49,6 +49,9 @@ def tiny_model(tiny_gptq):
 def test_generated_lengths():
     new = torch.tensor([[5, 6, 2, 0], [2, 0, 0, 0], [5, 6, 7, 8]])
     assert generated_lengths(new, eos_token_id=2) == [3, 1, 4]
+    # a row stopped at a stop string is padded (pad 0 here), not ended by EOS
+    stopped = torch.tensor([[5, 6, 0, 0], [5, 2, 0, 0], [5, 6, 7, 8]])
+    assert generated_lengths(stopped, eos_token_id=2, pad_token_id=0) == [2, 2, 4]
 
 
 def test_prompt_batch_left_padding(tiny_model):

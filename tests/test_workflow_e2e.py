@@ -116,9 +116,17 @@ def test_backends_agree_on_heldout_prompts(workflow_run: Path) -> None:
         prompts = [build_prompt(tokenizer, p, settings.prompt) for p in problems]
         batch = make_batch(tokenizer, problems, prompts, settings.prompt.assistant_prefix)
         results[backend] = score(model, batch, GenerationConfig(max_new_tokens=48, batch_size=32))
+        if backend == "dense":  # a stop string the model writes mid-response: its rows end right there
+            early = score(model, batch.subset(range(32)), GenerationConfig(48, 32, stop_strings=("<answer>",)))
         with torch.no_grad():  # teacher-forced: every prompt position's next token, first 8 prompts
             next_tokens[backend] = torch.cat([model(torch.tensor([ids])).logits[0].argmax(-1)
                                               for ids in batch.token_ids[:8]])
+    # Rows stop at the task's stop string: nothing is generated after the first </answer>.
+    answered = [r for r in results["dense"].responses if "</answer>" in r]
+    assert answered, "the real model writes answer blocks"
+    assert all(r.rstrip().endswith("</answer>") and r.count("</answer>") == 1 for r in answered), answered
+    cut = [(a, b) for a, b in zip(results["dense"].responses, early.responses) if "<answer>" in a]
+    assert cut and all(b.rstrip().endswith("<answer>") and a.startswith(b) and len(b) < len(a) for a, b in cut), cut
     agreement = float((next_tokens["dense"] == next_tokens["int4pack"]).float().mean())
     assert agreement >= MIN_NEXT_TOKEN_AGREEMENT, agreement
     same = sum(a == b for a, b in zip(results["dense"].responses, results["int4pack"].responses))

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -375,13 +375,7 @@ def finetune(
         if t not in cache:
             cache.clear()
             picks = prompt_indices(cfg.train.global_seed, t, len(full), cfg.batch_prompts)
-            cache[t] = replace(
-                full,
-                problems=tuple(full.problems[i] for i in picks),
-                prompts=tuple(full.prompts[i] for i in picks),
-                prefixes=tuple(full.prefixes[i] for i in picks),
-                token_ids=tuple(full.token_ids[i] for i in picks),
-            )
+            cache[t] = full.subset(picks)
         return score(model, cache[t], generation).mean_reward
 
     started = time.perf_counter()

@@ -60,6 +60,8 @@ MAX_BITS = 256
 _MASK64 = (1 << 64) - 1
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 _ANSWER_OPEN, _ANSWER_CLOSE = "<answer>", "</answer>"
+#: Generation stops at the end of these: the reward reads nothing after the first answer block.
+STOP_STRINGS = (_ANSWER_CLOSE,)
 _TAGS = (_THINK_OPEN, _THINK_CLOSE, _ANSWER_OPEN, _ANSWER_CLOSE)
 
 
