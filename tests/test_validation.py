@@ -124,6 +124,9 @@ def test_a_run_that_changes_nothing_says_so(tiny_gptq, task_data: Path, tmp_path
     assert summary["codes_sha256"] == summary["base_codes_sha256"]
     assert "no code changed in 2 iterations (every member tied in every iteration)" in summary["warnings"][0]
     assert "no code changed in 2 iterations" in result.stderr
+    # The summary says which CPU the run used and what an iteration cost there (to size the next run).
+    assert summary["seconds_per_iteration"] > 0 and summary["compute"]["cpu_model"]
+    assert summary["compute"]["cpu_count"] == os.cpu_count()
 
 
 def test_fail_if_unchanged_turns_the_warning_into_an_error(tiny_gptq, task_data: Path, tmp_path: Path) -> None:

@@ -43,6 +43,8 @@ import copy
 import hashlib
 import json
 import logging
+import os
+import platform
 import shutil
 import struct
 from collections.abc import Iterable
@@ -479,6 +481,17 @@ def assemble_quantized(
     return model
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), so every run says which CPU it ran on."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _compute_record(device: torch.device, dtype: torch.dtype, backends: dict[str, int]) -> dict[str, Any]:
     from qes.qlinear import cpu_runs_bf16_natively
 
@@ -488,6 +501,8 @@ def _compute_record(device: torch.device, dtype: torch.dtype, backends: dict[str
         "backends": backends,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_native_bf16": cpu_runs_bf16_natively(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
     }
     if device.type == "cuda":
         record["gpu"] = torch.cuda.get_device_name(device)

@@ -389,6 +389,15 @@ def finetune(
     return {**summary, "compute": describe_compute(model)}
 
 
+def seconds_per_iteration(run_dir: str | Path) -> float | None:
+    """Median wall time of the run's iterations (from metrics.parquet): what sizes the next run on this machine."""
+    path = Path(run_dir) / "metrics.parquet"
+    if not path.is_file():
+        return None
+    seconds = sorted(pq.read_table(path, columns=["seconds_total"]).column(0).to_pylist())
+    return round(seconds[len(seconds) // 2], 2) if seconds else None
+
+
 def _summary(run_dir: str | Path, final: str, cfg: FinetuneConfig, device: str, seconds: float) -> dict:
     """summary.json of the stage; warns loudly (and fails under fail_if_unchanged) when nothing changed."""
     seedlog = SeedLog.open(run_dir)
@@ -406,6 +415,7 @@ def _summary(run_dir: str | Path, final: str, cfg: FinetuneConfig, device: str, 
         "device": device,
         "ranks": cfg.ranks,
         "seconds": round(seconds, 2),
+        "seconds_per_iteration": seconds_per_iteration(run_dir),
         **report,
     }
 
