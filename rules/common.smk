@@ -78,7 +78,14 @@ def run_name():
 
 
 def seed_log_dir(run):
-    """Folder of a run's seed log: the run's only state, never a declared output."""
+    """Folder of a run's seed log: the run's only state, never a declared output.
+
+    Experiment and sweep runs live under experiments.log_dir when it is set (logs committed with the
+    experiment and continued from there).
+    """
+    log_dir = config["experiments"]["log_dir"]
+    if log_dir is not None and re.match(r"^(exp|sweep)-", run):
+        return f"{log_dir}/{run}"
     return f"results/runs/{run}"
 
 

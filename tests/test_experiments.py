@@ -28,7 +28,7 @@ def test_each_method_changes_only_its_residual_mode_and_seed() -> None:
 def test_bad_settings_are_named() -> None:
     with pytest.raises(ValueError, match="unknown method 'adam'"):
         finetune_block("exp-adam-s0", BASE, ExperimentConfig())
-    with pytest.raises(ValueError, match="unknown experiments setting"):
+    with pytest.raises(ValueError, match=r"experiments: Additional properties are not allowed \('method' was"):
         ExperimentConfig.from_dict({"method": ["quzo"]})
     with pytest.raises(ValueError, match="has only 1 entries"):
         finetune_block("sweep-3", BASE, ExperimentConfig.from_dict({"sweep": [{"sigma": 0.1, "alpha": 0.1}]}))

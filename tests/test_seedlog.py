@@ -158,3 +158,28 @@ def test_shaping() -> None:
     assert z[2] == pytest.approx(-0.5 / 2**0.5) and sum(z) == pytest.approx(0.0)
     assert shape_rewards([0.2] * 4, "pair_zscore", 3.0) == [0.0] * 4
     assert shape_rewards([3.0, 1.0, 2.0, 2.0], "centered_rank", 3.0) == [0.5, -0.5, 0.0, 0.0]
+
+
+def test_finished_run_continues_to_more_iterations(finished_run, tmp_path) -> None:
+    """With a constant step size a finished run grows: the result equals a run planned that long from the start."""
+    base, run_dir, final = finished_run
+    copy = _copy(run_dir, tmp_path)
+    longer = TrainConfig(**{**CFG.__dict__, "iterations": 8})
+    extended = _train(base, copy, longer)
+    fresh = _train(base, tmp_path / "fresh", longer)
+    assert extended == fresh != final
+    grown, planned = SeedLog.open(copy), SeedLog.open(tmp_path / "fresh")
+    assert grown.finished["iterations"] == 8 and grown.records[5].checkpoint == final  # the old end stays checked
+    assert [(r.step, r.checkpoint) for r in grown.records] == [(r.step, r.checkpoint) for r in planned.records]
+    for t in range(6):  # what was logged before is kept byte for byte
+        name = f"it-{t:08d}.parquet"
+        assert (copy / "steps" / name).read_bytes() == (run_dir / "steps" / name).read_bytes()
+    assert replay_checkpoint(base, copy, tmp_path / "out")["codes_sha256"] == extended
+    assert _train(base, copy, CFG) == extended  # asking for fewer iterations leaves the longer run as it is
+
+
+def test_cosine_run_cannot_be_continued(tiny_gptq, tmp_path) -> None:
+    cosine = TrainConfig(**{**CFG.__dict__, "iterations": 3, "alpha_decay": "cosine"})
+    _train(tiny_gptq(4), tmp_path / "log", cosine)
+    with pytest.raises(SeedLogError, match="different 'train'"):
+        _train(tiny_gptq(4), tmp_path / "log", TrainConfig(**{**cosine.__dict__, "iterations": 4}))

@@ -204,3 +204,21 @@ def test_a_run_that_cannot_resume_is_refused_while_planning(workdir: Path, tiny_
     result = snakemake(workdir, "--cores", "1", "-n", "results/finetune/default/summary.json", timeout=300)
     assert result.returncode != 0
     assert "final.json does not match the log: iterations is 20 there, the log gives 0" in result.stdout + result.stderr
+
+
+def test_experiment_logs_live_where_the_config_says(workdir: Path, tiny_gptq) -> None:
+    """experiments.log_dir points the experiment runs at committed seed logs; they are checked while planning."""
+    from _synthetic_run import fitness_of
+
+    from qes.codes import load_quantized, quantized_linears
+    from qes.train import train
+
+    model, _ = load_quantized(tiny_gptq(4), backend="dense")
+    committed = workdir / "experiments/pilot/runs/exp-replay-s0"
+    train(model, quantized_linears(model), fitness_of(model), TrainConfig(iterations=1, population=4), committed)
+    target = "results/finetune/exp-replay-s0/summary.json"
+    setting = "experiments={log_dir: experiments/pilot/runs}"
+    result = snakemake(workdir, "--cores", "1", "-n", target, "--config", setting)
+    assert result.returncode != 0
+    assert "experiments/pilot/runs/exp-replay-s0 holds a run with a different" in result.stdout + result.stderr
+    assert snakemake(workdir, "--cores", "1", "-n", target).returncode == 0  # results/runs/ is used by default

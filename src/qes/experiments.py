@@ -47,18 +47,17 @@ class ExperimentConfig:
     sweep: tuple[tuple[float, float], ...] = ()
     sweep_iterations: int = 6
     sweep_seed: int = 1000
+    log_dir: str | None = None
 
     @classmethod
     def from_dict(cls, values: dict) -> ExperimentConfig:
-        values = dict(values)
-        unknown = set(values) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown experiments setting(s): {', '.join(sorted(unknown))}")
+        """The config's experiments block, validated by the config schema (its defaults fill the gaps)."""
+        from qes.config import complete
+
+        values = complete(dict(values), "experiments", source="experiments settings")
         for key in ("methods", "seeds"):
-            if key in values:
-                values[key] = tuple(values[key])
-        if "sweep" in values:
-            values["sweep"] = tuple((float(p["sigma"]), float(p["alpha"])) for p in values["sweep"])
+            values[key] = tuple(values[key])
+        values["sweep"] = tuple((float(p["sigma"]), float(p["alpha"])) for p in values["sweep"])
         cfg = cls(**values)
         bad = [m for m in cfg.methods if m not in METHODS]
         if bad:

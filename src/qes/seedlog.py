@@ -226,6 +226,21 @@ class SeedLog:
             },
         )
 
+    def reopen(self) -> None:
+        """Make a finished log unfinished again so that it can be continued past its end.
+
+        Only final.json goes: the last record already holds the final codes hash as its checkpoint, so
+        nothing that final.json said is lost.
+        """
+        final = self.finished
+        if final is None:
+            return
+        last = self.records[-1] if self.records else None
+        if last is None or last.checkpoint != final["codes_sha256"]:
+            raise SeedLogError(f"{self.path}: the last record does not hold final.json's codes hash; cannot continue")
+        fault_point("reopen", self.iterations)
+        (self.path / "final.json").unlink()
+
     def clean_partial(self) -> list[Path]:
         """Remove temporary files a killed append may have left; returns what was removed."""
         stray = sorted((self.path / "steps").glob(".tmp-*"))

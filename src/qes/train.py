@@ -116,9 +116,24 @@ def _comparable(meta: dict) -> dict:
     return {k: v for k, v in meta.items() if k not in ("format", "version", "qes_version", "base", "base_codes_sha256")}
 
 
+def _without_length(meta: dict) -> dict:
+    """The settings with the run's length left out: with a constant step size (after any warm-up) nothing
+    an iteration does depends on how many iterations the run has, so a run may be continued past its end."""
+    train = meta.get("train")
+    if not isinstance(train, dict) or train.get("alpha_decay") != "constant":
+        return meta
+    return {**meta, "train": {k: v for k, v in train.items() if k != "iterations"}}
+
+
 def refuse_other_config(run_dir: Path, old: dict, new: dict) -> None:
-    """Refuse to resume a run whose logged settings differ from the given ones, naming the first difference."""
+    """Refuse to resume a run whose logged settings differ from the given ones, naming the first difference.
+
+    The number of iterations may differ when the step size is constant: the run is then continued (or, if it
+    is already longer, left as it is).
+    """
     old, new = _comparable(old), _comparable(json.loads(json.dumps(new)))
+    if _without_length(old) == _without_length(new):
+        return
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             raise SeedLogError(
@@ -188,9 +203,16 @@ def train(
         log.info("resuming %s: replaying %d logged iterations", run_dir, done)
         replay_steps(engine, seedlog)
     finished = seedlog.finished
-    if finished is not None:
+    if finished is not None and finished["iterations"] >= cfg.iterations:
         log.info("run %s already finished at iteration %d", run_dir, finished["iterations"])
         return finished["codes_sha256"]
+    if finished is not None:
+        # Continue a finished run: its last record holds the codes hash final.json had, and without
+        # final.json the log is an ordinary unfinished run until the new end is reached.
+        log.info("continuing %s from iteration %d to %d", run_dir, finished["iterations"], cfg.iterations)
+        if ranks.is_writer:
+            seedlog.reopen()
+        ranks.barrier()
     metrics = Metrics(run_dir / "metrics.parquet")
     metrics.load(done)
     pairs = cfg.population // 2
@@ -411,7 +433,7 @@ def _summary(run_dir: str | Path, final: str, cfg: FinetuneConfig, device: str, 
         "codes_sha256": final,
         "base_codes_sha256": seedlog.meta["base_codes_sha256"],
         "base_sha256": seedlog.meta["base"]["sha256"],
-        "iterations": cfg.train.iterations,
+        "iterations": seedlog.iterations,
         "device": device,
         "ranks": cfg.ranks,
         "seconds": round(seconds, 2),
