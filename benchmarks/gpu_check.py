@@ -465,7 +465,9 @@ def run_size(name: str, size: Size, device: torch.device, dtype: torch.dtype, de
     started = time.perf_counter()
     config = hf_config(size)
     batch = synthetic_prompts(size)
-    gen_cfg = GenerationConfig(max_new_tokens=size.new_tokens, batch_size=size.batch, share_prefix=False)
+    # synthetic token ids have no text, so no stop strings
+    gen_cfg = GenerationConfig(max_new_tokens=size.new_tokens, batch_size=size.batch, share_prefix=False,
+                               stop_strings=())
     res: dict[str, Any] = {"size": name, "shapes": asdict(size), "dtype": str(dtype).removeprefix("torch."),
                            "sigma": SIGMA, "alpha": ALPHA, "window": WINDOW, "population": size.population}
 
