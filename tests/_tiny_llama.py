@@ -59,36 +59,48 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_float_model(out_dir: Path, seed: int = 0) -> Path:
-    """Write a tiny float32 llama (2 layers, hidden 64) and its tokenizer to ``out_dir``."""
+def build_float_model(
+    out_dir: Path,
+    seed: int = 0,
+    *,
+    hidden: int = HIDDEN,
+    intermediate: int = INTERMEDIATE,
+    heads: tuple[int, int] = (4, 2),
+    scale: float = 0.08,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write a random llama (2 layers; by default hidden 64, float32) and its tokenizer to ``out_dir``.
+
+    ``heads`` is (attention heads, key-value heads); weights are N(0, scale^2) drawn from ``seed``.
+    """
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads[0],
+        num_key_value_heads=heads[1],
         max_position_embeddings=512,
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # test weights only; never model state under QES
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() >= 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.08)
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
     model.generation_config = GenerationConfig(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
+    model.to(dtype).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -148,32 +148,10 @@ def _wide_bf16_llama(folder: Path) -> Path:
     4.7 million codes; Hessians up to 1024 x 1024, where LAPACK splits its work across threads).
     """
     import torch
-    from _tiny_llama import build_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from _tiny_llama import build_float_model
 
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=512,
-        intermediate_size=1024,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    generator = torch.Generator().manual_seed(1)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    model.to(torch.bfloat16).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return build_float_model(folder, seed=1, hidden=512, intermediate=1024, heads=(8, 4), scale=0.05,
+                             dtype=torch.bfloat16)
 
 
 _QUANTIZE_SCRIPT = """
