@@ -26,6 +26,7 @@ wildcard_constraints:
     model=re.escape(config["model"]["name"]),
     bits=r"\d+",
     group=r"\d+",
+    iteration=r"\d+",
 
 
 include: "rules/fetch.smk"

@@ -19,31 +19,35 @@ def coerce_cli_values(values, schema_file):
     _coerce(values, schema)
 
 
+_KINDS = {"integer": int, "number": (int, float), "boolean": bool, "null": type(None)}
+
+
 def _coerce(values, schema):
-    kinds = {
-        "integer": int,
-        "number": (int, float),
-        "boolean": bool,
-        "null": type(None),
-    }
     for key, sub in schema.get("properties", {}).items():
-        if key not in values:
-            continue
-        value = values[key]
-        if isinstance(value, dict):
-            _coerce(value, sub)
-            continue
-        types = sub.get("type", [])
-        types = [types] if isinstance(types, str) else types
-        if not isinstance(value, str) or "string" in types:
-            continue
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
-            continue
-        if any(isinstance(parsed, kinds[t]) for t in types if t in kinds):
-            if not (isinstance(parsed, bool) and "boolean" not in types):
-                values[key] = parsed
+        if key in values:
+            values[key] = _coerced(values[key], sub)
+
+
+def _coerced(value, schema):
+    """`value` in the schema's type where it is a string that parses to it (lists item by item)."""
+    if isinstance(value, dict):
+        _coerce(value, schema)
+        return value
+    if isinstance(value, list):
+        return [_coerced(item, schema.get("items", {})) for item in value]
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    if not isinstance(value, str) or "string" in types:
+        return value
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    if isinstance(parsed, bool) and "boolean" not in types:
+        return value
+    if any(isinstance(parsed, _KINDS[t]) for t in types if t in _KINDS):
+        return parsed
+    return value
 
 
 def model_dir():
@@ -65,6 +69,39 @@ def quantize_settings(wildcards):
         "bits": int(wildcards.bits),
         "group_size": int(wildcards.group),
     }
+
+
+def run_model(run):
+    """Base GPTQ model of a run or curve point: experiment methods ending in -w<bits> use that width."""
+    from qes.experiments import run_bits
+
+    return quantized_model(bits=run_bits(run))
+
+
+def experiment_point_files(suffix=".json"):
+    """Scores of every curve point of the comparison: each base at iteration 0, each run at its points."""
+    default_bits = config["quantize"]["bits"]
+    return [
+        f"results/experiments/points/{name}/it-{iteration}{suffix}"
+        for name, iteration in experiment_settings().points(default_bits)
+    ]
+
+
+def point_seed_log(name):
+    """The seed log a curve point replays (none for a base model)."""
+    return [] if name.startswith("base-") else seed_log_dir(name)
+
+
+def point_summary(name):
+    """A run's curve points need the finished run; `ancient` keeps them when the run later grows."""
+    if name.startswith("base-"):
+        return []
+    return ancient(f"results/finetune/{name}/summary.json")
+
+
+def report_file(name):
+    """A file of the comparison's report folder (experiments.report_dir)."""
+    return f"{config['experiments']['report_dir']}/{name}"
 
 
 def task_data(split):
@@ -209,6 +246,6 @@ def resumable_run(run):
     from qes.train import check_resumable
 
     check_resumable(
-        seed_log_dir(run), finetune_settings(run), quantized_model(), task_data("train")
+        seed_log_dir(run), finetune_settings(run), run_model(run), task_data("train")
     )
     return []

@@ -1,13 +1,15 @@
 # The comparison of the paper on the configured model: `snakemake experiments` trains every method of
-# `experiments.methods` for every seed (runs exp-<method>-s<seed>, through the finetune and replay rules),
-# scores the base and each tuned model on the same held-out prompts and writes results/experiments/.
+# `experiments.methods` for every seed (runs exp-<method>-s<seed>, through the finetune rule), scores the
+# base and each run at its curve points (the seed log replayed to that iteration) on the same prompts, and
+# writes the tables and figures to experiments.report_dir.
 # `snakemake sweep` scores the step-size candidates of `experiments.sweep` on the training reward only.
 
 
 rule experiments:
     input:
-        "results/experiments/summary.json",
-        "results/experiments/reward_curves.png",
+        report_file("summary.json"),
+        report_file("score_curves.png"),
+        report_file("reward_curves.png"),
 
 
 rule sweep:
@@ -15,31 +17,18 @@ rule sweep:
         "results/experiments/sweep.json",
 
 
-rule experiment_summary:
+rule experiment_point:
     input:
-        base=lambda wildcards: quantized_model(),
-        eval=lambda wildcards: task_data("eval"),
-        tuned=lambda wildcards: expand("results/replay/{run}", run=experiment_runs()),
-        metrics=lambda wildcards: expand(
-            "results/finetune/{run}/metrics.parquet", run=experiment_runs()
-        ),
+        base=lambda wildcards: run_model(wildcards.name),
+        summary=lambda wildcards: point_summary(wildcards.name),
+        data=lambda wildcards: task_data(config["experiments"]["score_split"]),
     output:
-        summary=report(
-            "results/experiments/summary.json",
-            caption="../workflow/report/experiments.rst",
-            category="Experiments",
-        ),
-        table="results/experiments/table.md",
-        curves=report(
-            "results/experiments/reward_curves.png",
-            caption="../workflow/report/experiments.rst",
-            category="Experiments",
-        ),
-        heldout=directory("results/experiments/heldout"),
+        point="results/experiments/points/{name}/it-{iteration}.json",
+        examples="results/experiments/points/{name}/it-{iteration}_examples.parquet",
     log:
-        "logs/experiments/summary.log",
+        "logs/experiments/points/{name}/it-{iteration}.log",
     benchmark:
-        "benchmarks/experiments/summary.tsv"
+        "benchmarks/experiments/points/{name}/it-{iteration}.tsv"
     conda:
         conda_env()
     threads: max(1, workflow.cores)
@@ -47,9 +36,44 @@ rule experiment_summary:
         **evaluate_resources(),
         mem_mb=6000,
     params:
-        experiments=lambda wildcards: config["experiments"],
+        seed_log=lambda wildcards: point_seed_log(wildcards.name),
         evaluate=lambda wildcards: config["evaluate"],
+        limit=lambda wildcards: config["experiments"]["eval_limit"],
         device=lambda wildcards: resolved_device(),
+    script:
+        "../scripts/experiment_point.py"
+
+
+rule experiment_summary:
+    input:
+        points=lambda wildcards: experiment_point_files(),
+        metrics=lambda wildcards: expand(
+            "results/finetune/{run}/metrics.parquet", run=experiment_runs()
+        ),
+    output:
+        summary=report(
+            report_file("summary.json"),
+            caption="../workflow/report/experiments.rst",
+            category="Experiments",
+        ),
+        table=report_file("table.md"),
+        scores=report(
+            report_file("score_curves.png"),
+            caption="../workflow/report/score_curves.rst",
+            category="Experiments",
+        ),
+        curves=report(
+            report_file("reward_curves.png"),
+            caption="../workflow/report/experiments.rst",
+            category="Experiments",
+        ),
+    log:
+        "logs/experiments/summary.log",
+    conda:
+        conda_env()
+    params:
+        experiments=lambda wildcards: config["experiments"],
+        bits=lambda wildcards: config["quantize"]["bits"],
     script:
         "../scripts/experiment_summary.py"
 

@@ -7,7 +7,7 @@
 
 rule finetune:
     input:
-        model=lambda wildcards: quantized_model(),
+        model=lambda wildcards: run_model(wildcards.run),
         train=lambda wildcards: task_data("train"),
         resumable=lambda wildcards: resumable_run(wildcards.run),
     output:
@@ -33,7 +33,7 @@ rule finetune:
 
 rule replay:
     input:
-        model=lambda wildcards: quantized_model(),
+        model=lambda wildcards: run_model(wildcards.run),
         summary="results/finetune/{run}/summary.json",
     output:
         model=directory("results/replay/{run}"),
@@ -54,7 +54,7 @@ rule replay:
 
 rule evaluate:
     input:
-        base=lambda wildcards: quantized_model(),
+        base=lambda wildcards: run_model(wildcards.run),
         tuned="results/replay/{run}",
         eval=lambda wildcards: task_data("eval"),
         train_metrics="results/finetune/{run}/metrics.parquet",
@@ -95,7 +95,7 @@ rule evaluate:
 
 rule export:
     input:
-        base=lambda wildcards: quantized_model(),
+        base=lambda wildcards: run_model(wildcards.run),
         tuned="results/replay/{run}",
         metrics="results/eval/{run}/metrics.json",
     output:

@@ -1,26 +1,25 @@
-"""Rule experiment_summary: held-out scores of the base and every tuned model, mean ± std per method, curves."""
+"""Rule experiment_summary: mean ± std over seeds per method at every curve point; tables and figures."""
 
-import torch
+import json
+from pathlib import Path
 
-from qes.evaluate import EvaluateConfig
-from qes.experiments import ExperimentConfig, evaluate_all, plot_curves, summarize, table, write_report
+from qes.experiments import ExperimentConfig, plot_curves, plot_scores, summarize, table, write_report
 from qes.logutil import log_to
 
 with log_to(snakemake.log[0]) as log:
-    torch.set_num_threads(snakemake.threads)
     cfg = ExperimentConfig.from_dict(snakemake.params.experiments)
-    runs = cfg.runs()
-    evaluate = EvaluateConfig(
-        **{**snakemake.params.evaluate, "limit": cfg.eval_limit}, device=snakemake.params.device
-    )
-    heldout = evaluate_all(
-        snakemake.input.base,
-        dict(zip(runs, snakemake.input.tuned)),
-        snakemake.input.eval,
-        evaluate,
-        out_dir=snakemake.output.heldout,
-    )
-    summary = summarize(heldout, cfg)
+    points = cfg.points(snakemake.params.bits)
+    scores = {
+        point: json.loads(Path(path).read_text())
+        for point, path in zip(points, snakemake.input.points)
+    }
+    summary = summarize(scores, cfg, snakemake.params.bits)
     write_report(summary, snakemake.output.summary, snakemake.output.table)
-    plot_curves(dict(zip(runs, snakemake.input.metrics)), cfg, snakemake.output.curves)
-    log.info("held-out, mean ± std over seeds:\n%s", table(summary))
+    plot_scores(summary, snakemake.output.scores)
+    plot_curves(
+        dict(zip(cfg.runs(), snakemake.input.metrics)),
+        cfg,
+        snakemake.output.curves,
+        snakemake.params.bits,
+    )
+    log.info("mean ± std over seeds:\n%s", table(summary))

@@ -115,10 +115,10 @@ def test_error_names_the_nested_key() -> None:
     assert "['quantize']['bits']" in text
 
 
-def _dry_run(*config_args: str) -> subprocess.CompletedProcess:
+def _dry_run(*config_args: str, target: str = "all") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--forceall", "--cores", "1", "--config", *config_args],
+        [sys.executable, "-m", "snakemake", "-n", "--forceall", "--cores", "1", target, "--config", *config_args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -146,3 +146,15 @@ def test_dry_run_accepts_nested_override() -> None:
     result = _dry_run("quantize={bits: 8, group_size: 32}")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "results/quantized/smollm2-135m-instruct-w8g32" in result.stdout + result.stderr
+
+
+def test_dry_run_plans_every_curve_point_and_each_methods_base() -> None:
+    """List items given with --config reach the schema typed; -w8 methods train on their own INT8 base."""
+    result = _dry_run("experiments={methods: [replay-k50, replay-w8], seeds: [0, 1], iterations: 2, curve_every: 1}",
+                      target="experiments")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    for planned in ("results/quantized/smollm2-135m-instruct-w8g64", "results/experiments/points/base-w8/it-0.json",
+                    "results/experiments/points/exp-replay-k50-s1/it-1.json",
+                    "results/experiments/points/exp-replay-w8-s0/it-2.json", "results/experiments/score_curves.png"):
+        assert planned in output

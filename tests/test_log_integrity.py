@@ -223,6 +223,21 @@ def test_unfinished_log_needs_partial(run, log: Path, tmp_path: Path) -> None:
     assert report["codes_sha256"] == SeedLog.open(log).records[3].checkpoint != final
 
 
+def test_replay_until_a_curve_point(run, tmp_path: Path) -> None:
+    """`--until N` re-derives the model after iteration N of a finished log: the codes its checkpoint recorded."""
+    base, run_dir, final = run
+    result = _qes("replay", "--base", str(base), "--log", str(run_dir), "--out", str(tmp_path / "it4"), "--until", "4")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.splitlines()[0])
+    assert (report["iterations"], report["until"]) == (4, 4)
+    assert report["codes_sha256"] == SeedLog.open(run_dir).records[3].checkpoint != final
+    assert "did not finish" not in result.stderr
+    assert replay_checkpoint(base, run_dir, tmp_path / "it6", until=6)["codes_sha256"] == final
+    with pytest.raises(SeedLogError, match="until iteration 7: it holds 6"):
+        replay_checkpoint(base, run_dir, tmp_path / "it7", until=7)
+    assert not (tmp_path / "it7").exists()
+
+
 def test_empty_log_is_refused(run, log: Path, tmp_path: Path) -> None:
     shutil.rmtree(log / "steps")
     (log / "steps").mkdir()

@@ -202,3 +202,46 @@ def test_pipeline_rerun_is_a_no_op(pipeline_run: Path) -> None:
     result = _snakemake(pipeline_run, *PIPELINE_CONFIG)
     assert result.returncode == 0
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+EXPERIMENT_CONFIG = [
+    "--config",
+    "finetune={population: 4, max_new_tokens: 8, checkpoint_every: 1}",
+    "evaluate={max_new_tokens: 8, batch_size: 4}",
+    "task={train_size: 16, eval_size: 8}",
+    "experiments={methods: [replay], seeds: [0], iterations: 2, batch_prompts: 2, curve_every: 1, "
+    "eval_limit: 4, score_split: train, report_dir: reports/exp}",
+]
+
+
+def test_experiments_score_every_curve_point_from_the_seed_logs(workflow_run: Path) -> None:
+    """`snakemake experiments`: each run scored after every iteration by replaying its log to that point."""
+    from qes.seedlog import SeedLog
+
+    result = _snakemake(workflow_run, "experiments", *EXPERIMENT_CONFIG)
+    if result.returncode != 0:
+        pytest.fail(failure_report(workflow_run, result))
+    report = workflow_run / "reports/exp"
+    summary = json.loads((report / "summary.json").read_text())
+    assert list(summary["methods"]) == ["base-w4", "replay"]
+    assert (summary["split"], summary["n"], summary["curve_points"]) == ("train", 4, [1, 2])
+    points = workflow_run / "results/experiments/points"
+    base = json.loads((points / "base-w4/it-0.json").read_text())
+    for method in ("replay",):
+        run = f"exp-{method}-s0"
+        log = SeedLog.open(workflow_run / "results/runs" / run)
+        finetuned = json.loads((workflow_run / "results/finetune" / run / "summary.json").read_text())
+        scored = [json.loads((points / run / f"it-{t}.json").read_text()) for t in (1, 2)]
+        # each point is the model the log re-derives at that iteration, verified against its checkpoint
+        assert [p["codes_sha256"] for p in scored] == [log.records[0].checkpoint, finetuned["codes_sha256"]]
+        curve = summary["methods"][method]["curve"]
+        assert [p["iteration"] for p in curve] == [0, 1, 2]
+        assert [p["accuracy"]["values"] for p in curve] == [[base["accuracy"]]] + [[p["accuracy"]] for p in scored]
+        assert summary["methods"][method]["accuracy_gain"] == scored[1]["accuracy"] - base["accuracy"]
+    table = (report / "table.md").read_text()
+    assert "| QES, seed replay |" in table and "| base (GPTQ INT4, untuned) |" in table
+    assert "Scored on 4 training-set problems" in table
+    for png in ("score_curves.png", "reward_curves.png"):
+        assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = _snakemake(workflow_run, "experiments", *EXPERIMENT_CONFIG)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr

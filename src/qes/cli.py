@@ -167,6 +167,8 @@ def _add_replay(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="where to write the re-derived GPTQ checkpoint")
     parser.add_argument("--partial", action="store_true",
                         help="re-derive the last logged iteration of a run that did not finish (no final.json)")
+    parser.add_argument("--until", type=int, default=None, metavar="N",
+                        help="stop after iteration N (a point on the run's curve; default: the whole log)")
     _add_overwrite(parser)
 
 
@@ -176,8 +178,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     _existing(args.base, "--base")
     _existing(args.log, "--log")
     _fresh_out(args.out, args, {"base": args.base, "log": args.log})
-    report = replay_checkpoint(args.base, args.log, args.out, partial=args.partial)
-    if not report["finished"]:
+    report = replay_checkpoint(args.base, args.log, args.out, partial=args.partial, until=args.until)
+    if not report["finished"] and args.until is None:
         print(f"qes replay: re-derived iteration {report['iterations']}; the run did not finish", file=sys.stderr)
     print(json.dumps(report))
     print(report["codes_sha256"])

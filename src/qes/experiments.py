@@ -1,10 +1,11 @@
 """The paper's comparison on one model: base vs QuZO-style (no error feedback) vs QES stored vs QES seed replay.
 
-Every method is the finetune stage with one setting changed (the residual mode), run for several global
-seeds on the same iteration budget; the held-out set is scored once for the base model and once per
-tuned model, and the summary reports mean and standard deviation over seeds. The step sizes (sigma,
-alpha) come from a sweep scored on the training reward only (`sweep-*` runs); the held-out set never
-influences them.
+Every method is the finetune stage with one setting changed (the residual mode, optionally the replay
+window K and the code width), run for several global seeds on the same iteration budget. Each run is
+scored at curve points (every `curve_every` iterations and at the end) by replaying its seed log to that
+iteration, with every hash checkpoint verified, and evaluating the re-derived model; the base model is the
+curve's iteration 0. The summary reports mean and spread over seeds. The step sizes (sigma, alpha) come
+from a sweep scored on the training reward only (`sweep-*` runs); the held-out set never influences them.
 """
 
 from __future__ import annotations
@@ -20,22 +21,54 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from qes.evaluate import EvaluateConfig
 
-#: method name -> residual mode of the finetune stage
-METHODS = {"quzo": "none", "stored": "stored", "replay": "replay"}
-LABELS = {
-    "base": "base (GPTQ, untuned)",
+#: residual mode of the finetune stage per method family
+MODES = {"quzo": "none", "stored": "stored", "replay": "replay"}
+FAMILY_LABELS = {
     "quzo": "QuZO-style (no error feedback)",
     "stored": "QES, stored residual",
     "replay": "QES, seed replay",
 }
 KEYS = ("accuracy", "format_rate", "mean_reward")
-_RUN = re.compile(r"^exp-(?P<method>[a-z]+)-s(?P<seed>\d+)$")
-_SWEEP = re.compile(r"^sweep-(?P<index>\d+)$")
+_METHOD = re.compile(r"^(?P<family>[a-z]+)(?:-k(?P<window>[1-9][0-9]*))?(?:-w(?P<bits>[0-9]+))?$")
+_RUN = re.compile(r"^exp-(?P<method>[a-z0-9-]+)-s(?P<seed>[0-9]+)$")
+_BASE = re.compile(r"^base-w(?P<bits>[0-9]+)$")
+_SWEEP = re.compile(r"^sweep-(?P<index>[0-9]+)$")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One compared method: `quzo`, `stored` or `replay`, with `-k<K>` (replay window) and `-w<bits>` (code
+    width; the quantize block's otherwise), e.g. `replay-k50` or `replay-w8`."""
+
+    name: str
+    family: str
+    window: int | None = None
+    bits: int | None = None
+
+    @classmethod
+    def parse(cls, name: str) -> Method:
+        match = _METHOD.match(name)
+        if match is None or match["family"] not in MODES:
+            raise ValueError(
+                f"experiments.methods: unknown method {name!r}; use quzo, stored or replay, optionally followed "
+                "by -k<window> (replay only) and -w<bits> (4 or 8), e.g. replay-k50 or replay-w8"
+            )
+        if match["window"] and match["family"] != "replay":
+            raise ValueError(f"experiments.methods: {name!r}: a window (-k) applies to replay only")
+        if match["bits"] and int(match["bits"]) not in (4, 8):
+            raise ValueError(f"experiments.methods: {name!r}: bits must be 4 or 8 (those the quantize stage makes)")
+        return cls(name, match["family"], int(match["window"]) if match["window"] else None,
+                   int(match["bits"]) if match["bits"] else None)
+
+    def label(self, default_bits: int) -> str:
+        details = [f"K = {self.window}"] if self.window else []
+        details += [f"INT{self.bits}"] if self.bits and self.bits != default_bits else []
+        return FAMILY_LABELS[self.family] + (f" ({', '.join(details)})" if details else "")
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """The comparison's methods, seeds and budget (the config's `experiments:` block)."""
+    """The comparison's methods, seeds, budget and curve points (the config's `experiments:` block)."""
 
     methods: tuple[str, ...] = ("quzo", "stored", "replay")
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -44,10 +77,17 @@ class ExperimentConfig:
     sigma: float = 0.01
     alpha: float = 0.003
     eval_limit: int | None = 64
+    score_split: str = "eval"
+    curve_every: int | None = None
+    report_dir: str = "results/experiments"
     sweep: tuple[tuple[float, float], ...] = ()
     sweep_iterations: int = 6
     sweep_seed: int = 1000
     log_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for method in self.methods:
+            Method.parse(method)
 
     @classmethod
     def from_dict(cls, values: dict) -> ExperimentConfig:
@@ -58,17 +98,28 @@ class ExperimentConfig:
         for key in ("methods", "seeds"):
             values[key] = tuple(values[key])
         values["sweep"] = tuple((float(p["sigma"]), float(p["alpha"])) for p in values["sweep"])
-        cfg = cls(**values)
-        bad = [m for m in cfg.methods if m not in METHODS]
-        if bad:
-            raise ValueError(f"experiments.methods: unknown {bad}; choose from {sorted(METHODS)}")
-        return cfg
+        return cls(**values)
 
     def runs(self) -> list[str]:
         return [run_name(m, s) for m in self.methods for s in self.seeds]
 
     def sweep_runs(self) -> list[str]:
         return [f"sweep-{i}" for i in range(len(self.sweep))]
+
+    def curve_points(self) -> list[int]:
+        """Iterations at which every run is scored (the final one always; 0 is the base model)."""
+        every = self.curve_every or self.iterations
+        return sorted({*range(every, self.iterations + 1, every), self.iterations})
+
+    def bases(self, default_bits: int) -> list[str]:
+        """Names of the base models the methods start from: base-w<bits>."""
+        return sorted({f"base-w{Method.parse(m).bits or default_bits}" for m in self.methods})
+
+    def points(self, default_bits: int) -> list[tuple[str, int]]:
+        """Every (model, iteration) the summary scores: each base at 0, each run at its curve points."""
+        return [(b, 0) for b in self.bases(default_bits)] + [
+            (run, t) for run in self.runs() for t in self.curve_points()
+        ]
 
 
 def run_name(method: str, seed: int) -> str:
@@ -79,12 +130,12 @@ def finetune_block(run: str, base: dict, cfg: ExperimentConfig) -> dict:
     """The finetune settings of `run`: an experiment or sweep run gets its own, any other run the base block."""
     block = copy.deepcopy(base)
     if match := _RUN.match(run):
-        method, seed = match["method"], int(match["seed"])
-        if method not in METHODS:
-            raise ValueError(f"run {run!r}: unknown method {method!r}; choose from {sorted(METHODS)}")
+        method, seed = Method.parse(match["method"]), int(match["seed"])
         block.update(iterations=cfg.iterations, batch_prompts=cfg.batch_prompts, global_seed=seed,
                      sigma=cfg.sigma, alpha=cfg.alpha)
-        block["residual"] = {**block.get("residual", {}), "mode": METHODS[method]}
+        block["residual"] = {**block.get("residual", {}), "mode": MODES[method.family]}
+        if method.window is not None:
+            block["residual"]["window"] = method.window
     elif match := _SWEEP.match(run):
         index = int(match["index"])
         if index >= len(cfg.sweep):
@@ -95,6 +146,16 @@ def finetune_block(run: str, base: dict, cfg: ExperimentConfig) -> dict:
         block["residual"] = {**block.get("residual", {}), "mode": "replay"}
     block["run"] = run
     return block
+
+
+def run_bits(run: str) -> int | None:
+    """Code width an experiment run (exp-<method>-s<seed>) or base point (base-w<bits>) asks for; None for
+    every other run, which uses the quantize block's."""
+    if match := _RUN.match(run):
+        return Method.parse(match["method"]).bits
+    if match := _BASE.match(run):
+        return int(match["bits"])
+    return None
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -120,41 +181,123 @@ def summarize_sweep(metrics: dict[str, str | Path], cfg: ExperimentConfig) -> di
             "criterion": "mean training reward over the last half of the sweep iterations (held-out set unused)"}
 
 
-def evaluate_all(base_dir: str | Path, tuned: dict[str, str | Path], eval_parquet: str | Path,
-                 cfg: EvaluateConfig, out_dir: str | Path) -> dict[str, dict]:
-    """Held-out metrics of the base model and of every tuned model (same prompts), one JSON each."""
+def score_point(base: str | Path, log_dir: str | Path | None, iteration: int, eval_parquet: str | Path,
+                cfg: EvaluateConfig, out_json: str | Path, out_examples: str | Path,
+                tmp_dir: str | Path | None = None) -> dict:
+    """Metrics of one curve point on the scoring split: the base itself at iteration 0, otherwise the run's
+    seed log replayed onto the base up to `iteration` (every hash checkpoint on the way verified)."""
+    import tempfile
+
     from qes.evaluate import evaluate_model
+    from qes.replay import replay_checkpoint
 
-    out_dir = Path(out_dir)
-    results = {}
-    for name, model_dir in {"base": base_dir, **tuned}.items():
-        results[name] = evaluate_model(model_dir, eval_parquet, cfg, out_dir / f"{name}.json",
-                                       out_dir / f"{name}_examples.parquet")
-    return results
+    with tempfile.TemporaryDirectory(dir=tmp_dir) as tmp:
+        model_dir, point = Path(base), {"iteration": iteration}
+        if iteration > 0:
+            if log_dir is None:
+                raise ValueError(f"iteration {iteration} of a base model: only iteration 0 exists")
+            model_dir = Path(tmp) / "model"
+            report = replay_checkpoint(base, log_dir, model_dir, until=iteration)
+            point |= {"seed_log": str(log_dir), "codes_sha256": report["codes_sha256"]}
+        metrics = evaluate_model(model_dir, eval_parquet, cfg, Path(tmp) / "metrics.json", out_examples)
+    point |= {k: metrics[k] for k in (*KEYS, "n")} | {"base": str(base)}
+    Path(out_json).write_text(json.dumps(point, indent=2, sort_keys=True) + "\n")
+    return point
 
 
-def summarize(heldout: dict[str, dict], cfg: ExperimentConfig) -> dict:
-    """Mean and standard deviation over seeds per method of the held-out metrics."""
-    methods = {"base": {k: _mean_std([heldout["base"][k]]) for k in KEYS}}
-    for method in cfg.methods:
-        runs = [run_name(method, s) for s in cfg.seeds]
-        methods[method] = {k: _mean_std([heldout[r][k] for r in runs]) for k in KEYS}
-    return {"methods": methods, "n": heldout["base"]["n"], "seeds": list(cfg.seeds), "iterations": cfg.iterations,
-            "sigma": cfg.sigma, "alpha": cfg.alpha}
+def _label(name: str, default_bits: int) -> str:
+    if match := _BASE.match(name):
+        return f"base (GPTQ INT{match['bits']}, untuned)"
+    return Method.parse(name).label(default_bits)
+
+
+def summarize(scores: dict[tuple[str, int], dict], cfg: ExperimentConfig, default_bits: int) -> dict:
+    """Per method: the scores at every curve point (mean, std and values over seeds), the final one, and its
+    difference to the method's base in points and in units of the seed-to-seed standard deviation."""
+    methods: dict[str, dict] = {}
+    for base in cfg.bases(default_bits):
+        final = {k: _mean_std([scores[(base, 0)][k]]) for k in KEYS}
+        methods[base] = {"label": _label(base, default_bits), "runs": [base], "final": final,
+                         "curve": [{"iteration": 0, **final}]}
+    for name in cfg.methods:
+        base = f"base-w{Method.parse(name).bits or default_bits}"
+        runs = [run_name(name, s) for s in cfg.seeds]
+        curve = methods[base]["curve"] + [
+            {"iteration": t, **{k: _mean_std([scores[(r, t)][k] for r in runs]) for k in KEYS}}
+            for t in cfg.curve_points()
+        ]
+        final = {k: curve[-1][k] for k in KEYS}
+        gain = final["accuracy"]["mean"] - methods[base]["final"]["accuracy"]["mean"]
+        std = final["accuracy"]["std"]
+        methods[name] = {"label": _label(name, default_bits), "runs": runs, "base": base, "final": final,
+                         "curve": curve, "accuracy_gain": gain,
+                         "accuracy_gain_in_seed_std": gain / std if std > 0 else None}
+    some_base = cfg.bases(default_bits)[0]
+    return {"methods": methods, "n": scores[(some_base, 0)]["n"], "split": cfg.score_split,
+            "seeds": list(cfg.seeds), "iterations": cfg.iterations, "curve_points": cfg.curve_points(),
+            "sigma": cfg.sigma, "alpha": cfg.alpha, "batch_prompts": cfg.batch_prompts}
 
 
 def table(summary: dict) -> str:
+    """Markdown: the final scores per method, then the accuracy at every curve point."""
+    split = "held-out" if summary["split"] == "eval" else "training-set"
     lines = [
-        "| method | accuracy | format rate | mean reward |",
-        "|---|---|---|---|",
+        f"Scored on {summary['n']} {split} problems (greedy), after {summary['iterations']} iterations; "
+        f"mean ± standard deviation over seeds {summary['seeds']}.",
+        "",
+        "| method | accuracy | format rate | mean reward | accuracy − base | per seed (accuracy) |",
+        "|---|---|---|---|---|---|",
     ]
-    for method, metrics in summary["methods"].items():
-        cells = [f"{metrics[k]['mean']:.3f} ± {metrics[k]['std']:.3f}" for k in KEYS]
-        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    for method in summary["methods"].values():
+        cells = [f"{method['final'][k]['mean']:.3f} ± {method['final'][k]['std']:.3f}" for k in KEYS]
+        gain = method.get("accuracy_gain")
+        ratio = method.get("accuracy_gain_in_seed_std")
+        gain_cell = "" if gain is None else f"{gain:+.3f}" + ("" if ratio is None else f" ({ratio:+.1f} std)")
+        seeds = ", ".join(f"{v:.3f}" for v in method["final"]["accuracy"]["values"])
+        lines.append(f"| {method['label']} | " + " | ".join(cells) + f" | {gain_cell} | {seeds} |")
+    points = [0, *summary["curve_points"]]
+    lines += ["", "Accuracy at each iteration (0 is the base):", "",
+              "| method | " + " | ".join(str(t) for t in points) + " |",
+              "|---|" + "---|" * len(points)]
+    for method in summary["methods"].values():
+        if "base" not in method:
+            continue
+        cells = {p["iteration"]: f"{p['accuracy']['mean']:.3f} ± {p['accuracy']['std']:.3f}" for p in method["curve"]}
+        lines.append(f"| {method['label']} | " + " | ".join(cells.get(t, "") for t in points) + " |")
     return "\n".join(lines)
 
 
-def plot_curves(metrics: dict[str, str | Path], cfg: ExperimentConfig, out_png: str | Path) -> None:
+def plot_scores(summary: dict, out_png: str | Path) -> None:
+    """Accuracy, format rate and mean reward against iteration per method: mean over seeds, min-max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+    methods = [m for m in summary["methods"].values() if "base" in m]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, key, title in zip(axes, KEYS, ("accuracy", "format rate", "mean reward")):
+        for method, color in zip(methods, colors):
+            its = [p["iteration"] for p in method["curve"]]
+            ax.plot(its, [p[key]["mean"] for p in method["curve"]], color=color, marker="o", label=method["label"])
+            ax.fill_between(its, [min(p[key]["values"]) for p in method["curve"]],
+                            [max(p[key]["values"]) for p in method["curve"]], color=color, alpha=0.15)
+        ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    split = "held-out" if summary["split"] == "eval" else "training-set"
+    fig.suptitle(f"{split} scores (n = {summary['n']}, greedy), mean over seeds {summary['seeds']}; band: min-max")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(metrics: dict[str, str | Path], cfg: ExperimentConfig, out_png: str | Path,
+                default_bits: int) -> None:
     """Training reward per iteration of every method: mean over seeds, with the seeds' range as a band."""
     import matplotlib
 
@@ -163,16 +306,18 @@ def plot_curves(metrics: dict[str, str | Path], cfg: ExperimentConfig, out_png: 
     import pyarrow.parquet as pq
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, color in zip(cfg.methods, ("tab:gray", "tab:blue", "tab:green", "tab:red")):
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for method, color in zip(cfg.methods, colors):
         curves = [[r["reward_mean"] for r in pq.read_table(metrics[run_name(method, s)]).to_pylist()]
                   for s in cfg.seeds]
         its = range(1, min(len(c) for c in curves) + 1)
         per_it = [[c[i - 1] for c in curves] for i in its]
-        ax.plot(list(its), [statistics.fmean(v) for v in per_it], color=color, marker=".", label=LABELS[method])
+        ax.plot(list(its), [statistics.fmean(v) for v in per_it], color=color, marker=".",
+                label=_label(method, default_bits))
         ax.fill_between(list(its), [min(v) for v in per_it], [max(v) for v in per_it], color=color, alpha=0.15)
     ax.set_xlabel("iteration")
     ax.set_ylabel("training reward (mean over members)")
-    ax.set_title(f"Countdown training reward, mean over {len(cfg.seeds)} seeds (band: min-max)")
+    ax.set_title(f"training reward, mean over {len(cfg.seeds)} seeds (band: min-max)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

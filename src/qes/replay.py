@@ -85,21 +85,27 @@ def replay_steps(
 
 
 def replay_checkpoint(
-    base: str | Path, log_dir: str | Path, out_dir: str | Path, partial: bool = False
+    base: str | Path, log_dir: str | Path, out_dir: str | Path, partial: bool = False, until: int | None = None
 ) -> dict:
     """`qes replay`: base checkpoint + seed log -> verified tuned GPTQ checkpoint in out_dir.
 
     The whole log is verified (hash chain, final.json) before the model is loaded; an unfinished log is
-    refused unless `partial`, and then the report says which iteration was re-derived.
+    refused unless `partial`, and then the report says which iteration was re-derived. `until` stops after
+    that many iterations (a point on the run's curve): a verified prefix of the log, finished or not.
     """
     started = time.perf_counter()
     refuse_overlap(out_dir, {"seed log": log_dir, "base": base})
     seedlog = SeedLog.open(log_dir)
-    seedlog.require_complete(partial)
+    if until is None:
+        seedlog.require_complete(partial)
+    elif not 0 <= until <= seedlog.iterations:
+        raise SeedLogError(f"cannot replay {log_dir} until iteration {until}: it holds {seedlog.iterations}")
     finished = seedlog.finished
+    if finished is not None and until is not None and until != finished["iterations"]:
+        finished = None
     model, tokenizer = load_quantized(base, backend="none")
     engine = engine_for_log(model, seedlog)
-    iterations = replay_steps(engine, seedlog)
+    iterations = replay_steps(engine, seedlog, stop=until)
     final = engine.codes_sha256()
     if finished is not None and finished["codes_sha256"] != final:
         raise ReplayMismatch(
@@ -111,13 +117,14 @@ def replay_checkpoint(
         "seed_log": str(log_dir),
         "iterations": iterations,
         "finished": finished is not None,
+        "until": until,
         "base_codes_sha256": seedlog.meta["base_codes_sha256"],
         "base_sha256": seedlog.meta["base"]["sha256"],
         "codes_sha256": final,
         "seconds": round(time.perf_counter() - started, 3),
     }
     save_quantized(model, tokenizer, out_dir, {"replay_report.json": json.dumps(report, indent=2) + "\n"})
-    if finished is None:
+    if finished is None and until is None:
         log.warning("re-derived iteration %d; the run did not finish", iterations)
     log.info("replayed %d iterations: codes_sha256 %s", iterations, final)
     return report
