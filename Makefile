@@ -26,6 +26,7 @@ ifeq ($(filter $(TORCH_VARIANT),cpu cuda),)
 $(error QES_TORCH must be auto, cpu or cuda, not '$(QES_TORCH)')
 endif
 STAMP := $(VENV)/.qes-setup-stamp-$(TORCH_VARIANT)
+DEV_STAMP := $(VENV)/.qes-dev-stamp
 # Packages only the CUDA build of torch pulls in; a switch to cpu removes them (several GB).
 CUDA_ONLY := ^(nvidia-|triton==|cuda-toolkit==|cuda-bindings==|cuda-pathfinder==)
 
@@ -45,13 +46,20 @@ export GPTQMODEL_CPU_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 export TOKENIZERS_PARALLELISM ?= false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup run test lint clean
+.PHONY: setup setup-dev run test lint clean
 
 setup: $(STAMP)
 
+# Test and lint tools: only `make test` and `make lint` install them; `make run` needs none of them.
+setup-dev: $(DEV_STAMP)
+
+$(DEV_STAMP): $(STAMP) requirements/dev.txt
+	$(PIP) install --quiet -r requirements/dev.txt -c requirements/pinned.txt -c requirements/torch.txt
+	touch $@
+
 $(STAMP): pyproject.toml requirements/torch.txt requirements/pinned.txt requirements/no-deps.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	rm -f $(VENV)/.qes-setup-stamp*
+	rm -f $(VENV)/.qes-setup-stamp* $(DEV_STAMP)
 	@echo "installing torch $(TORCH_VERSION) ($(TORCH_VARIANT) build, QES_TORCH=$(QES_TORCH))"
 	$(torch_install_$(TORCH_VARIANT))
 	$(PIP) install --quiet -r requirements/pinned.txt -c requirements/torch.txt
@@ -63,10 +71,10 @@ run: setup
 	$(BIN)/snakemake --cores $(CORES)
 	$(BIN)/snakemake --cores $(CORES) --report results/report.html
 
-test: setup
+test: setup-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: setup
+lint: setup-dev
 	$(BIN)/ruff check .
 	$(BIN)/snakefmt --check .
 	$(BIN)/snakemake --lint

@@ -36,7 +36,8 @@ def main() -> None:
     model, tokenizer = load_quantized(args.model)
     full = load_batch(tokenizer, args.train)
     batch = full.subset(prompt_indices(0, 0, len(full), args.batch))
-    stop = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch)
+    stop = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch,
+                            stop_strings=full.task.stop_strings)
     sides = {"stop at EOS only": replace(stop, stop_strings=()), f"stop at EOS or {list(stop.stop_strings)}": stop}
     names = list(sides)
     results, seconds = {}, {name: [] for name in names}

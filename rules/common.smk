@@ -104,6 +104,18 @@ def report_file(name):
     return f"{config['experiments']['report_dir']}/{name}"
 
 
+def task_inputs():
+    """Local files the task stage reads (problem files, dataset files, a user reward's file): an edit reruns it."""
+    task = config["task"]
+    files = [task["train_file"], task["eval_file"]]
+    if task["name"] == "dataset":
+        files += [task["dataset"]["train"], task["dataset"]["eval"]]
+        reward = task["reward"] or ""
+        if ".py:" in reward:
+            files.append(reward.rpartition(":")[0])
+    return [f for f in files if f and not f.startswith("hf:")]
+
+
 def task_data(split):
     """Train or held-out Parquet file of the configured task."""
     return f"results/data/{config['task']['name']}/{split}.parquet"

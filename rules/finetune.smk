@@ -99,7 +99,12 @@ rule export:
         tuned="results/replay/{run}",
         metrics="results/eval/{run}/metrics.json",
     output:
-        model=directory("results/export/{run}"),
+        model=report(
+            directory("results/export/{run}"),
+            patterns=["{card}.md"],
+            caption="../workflow/report/model_card.rst",
+            category="Export",
+        ),
     log:
         "logs/export/{run}.log",
     benchmark:

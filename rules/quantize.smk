@@ -5,7 +5,12 @@ rule quantize:
     input:
         model="results/models/{model}",
     output:
-        model=directory("results/quantized/{model}-w{bits}g{group}"),
+        model=report(
+            directory("results/quantized/{model}-w{bits}g{group}"),
+            patterns=["quant_{kind}.json"],
+            caption="../workflow/report/quant_report.rst",
+            category="Quantization",
+        ),
     log:
         "logs/quantize/{model}-w{bits}g{group}.log",
     benchmark:

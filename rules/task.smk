@@ -1,10 +1,11 @@
-# Stage make_task_data: train and held-out Countdown problems (generated, or from JSON files), prompted with
-# the model's chat template.
+# Stage make_task_data: the task's train and held-out rows (generated Countdown problems, or your own data
+# for a dataset task), prompted with the model's chat template.
 
 
 rule make_task_data:
     input:
         model=lambda wildcards: model_dir(),
+        data=lambda wildcards: task_inputs(),
     output:
         train="results/data/{task}/train.parquet",
         eval="results/data/{task}/eval.parquet",

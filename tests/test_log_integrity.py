@@ -358,10 +358,13 @@ def test_failed_fetch_leaves_no_empty_folder(tmp_path: Path) -> None:
 
 def test_a_stage_error_ends_the_log_and_reaches_the_console(tmp_path: Path) -> None:
     script = (
-        "from qes.logutil import log_to\n"
+        "import logging\n"
+        "from qes.logutil import PROGRESS, log_to\n"
         "from qes.seedlog import SeedLog\n"
         f"with log_to({str(tmp_path / 'stage.log')!r}) as log:\n"
         "    log.warning('heads up')\n"
+        "    logging.getLogger('qes.train').info('iter 1/2  reward mean 0.5000', extra=PROGRESS)\n"
+        "    logging.getLogger('qes.train').info('details for the log only')\n"
         f"    SeedLog.open({str(tmp_path)!r})\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -371,6 +374,8 @@ def test_a_stage_error_ends_the_log_and_reaches_the_console(tmp_path: Path) -> N
     assert log_lines[-1].endswith(f"ERROR qes: SeedLogError: {tmp_path} holds no run.json: not a seed log")
     console = result.stderr.strip().splitlines()
     assert console[0] == f"WARNING: heads up (log: {tmp_path / 'stage.log'})"
+    assert console[1].endswith(" iter 1/2  reward mean 0.5000") and len(console) == 3  # progress, not details
+    assert "details for the log only" in (tmp_path / "stage.log").read_text()
     assert console[-1] == (
         f"ERROR: SeedLogError: {tmp_path} holds no run.json: not a seed log (log: {tmp_path / 'stage.log'})"
     )

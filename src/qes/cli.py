@@ -55,6 +55,12 @@ def _schema_defaults(section: str) -> dict:
     return complete({}, section)
 
 
+def _describe(section: str, key: str) -> str:
+    """The config schema's description of one key (the option's help)."""
+    text = " ".join(schema()["properties"][section]["properties"][key]["description"].split())
+    return text.replace("%", "%%")
+
+
 def _enum(*path: str) -> list:
     node = schema()
     for key in path:
@@ -67,7 +73,8 @@ def _add_fetch(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", default=defaults["source"], help="bundled:<name>, hf:<org>/<repo> or local:<path>")
     parser.add_argument("--name", default=None, help="output folder name (default: derived from the source)")
     parser.add_argument("--revision", default=None, help="hub branch, tag or commit (hf: sources)")
-    parser.add_argument("--dtype", default=defaults["dtype"], choices=_enum("model", "dtype"))
+    parser.add_argument("--dtype", default=defaults["dtype"], choices=_enum("model", "dtype"),
+                        help=_describe("model", "dtype"))
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: results/models/<name>)")
     _add_overwrite(parser)
 
@@ -94,13 +101,19 @@ def _add_quantize(parser: argparse.ArgumentParser) -> None:
     defaults = _schema_defaults("quantize")
     parser.add_argument("model", type=Path, help="float model folder (output of `qes fetch`)")
     parser.add_argument("--out", type=Path, default=None, help="default: results/quantized/<model>-w<bits>g<group>")
-    parser.add_argument("--bits", type=int, default=defaults["bits"], choices=_enum("quantize", "bits"))
-    parser.add_argument("--group-size", type=int, default=defaults["group_size"])
-    parser.add_argument("--calibration-samples", type=int, default=defaults["calibration_samples"])
-    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"])
-    parser.add_argument("--damp-percent", type=float, default=defaults["damp_percent"])
-    parser.add_argument("--eval-prompts", type=int, default=defaults["eval_prompts"])
-    parser.add_argument("--offload-to-disk", action="store_true")
+    parser.add_argument("--bits", type=int, default=defaults["bits"], choices=_enum("quantize", "bits"),
+                        help=_describe("quantize", "bits"))
+    parser.add_argument("--group-size", type=int, default=defaults["group_size"],
+                        help=_describe("quantize", "group_size"))
+    parser.add_argument("--calibration-samples", type=int, default=defaults["calibration_samples"],
+                        help=_describe("quantize", "calibration_samples"))
+    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"],
+                        help=_describe("quantize", "batch_size"))
+    parser.add_argument("--damp-percent", type=float, default=defaults["damp_percent"],
+                        help=_describe("quantize", "damp_percent"))
+    parser.add_argument("--eval-prompts", type=int, default=defaults["eval_prompts"],
+                        help=_describe("quantize", "eval_prompts"))
+    parser.add_argument("--offload-to-disk", action="store_true", help=_describe("quantize", "offload_to_disk"))
     _add_overwrite(parser)
 
 
@@ -139,7 +152,7 @@ def _cmd_codes_sha256(args: argparse.Namespace) -> int:
 
 def _add_task_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="model folder whose tokenizer renders the prompts")
-    parser.add_argument("--config", type=Path, default=None, help="YAML file whose `task:` block sets the problems")
+    parser.add_argument("--config", type=Path, default=None, help="YAML file whose `task:` block sets the task")
     parser.add_argument("--out", type=Path, default=Path("results/data/countdown"), help="folder for the Parquet files")
     _add_overwrite(parser)
 
@@ -148,13 +161,13 @@ def _cmd_task_data(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from qes.fsutil import atomic_dir
-    from qes.tasks.countdown import TaskSettings, make_task_data
+    from qes.tasks import make_task_data
 
-    settings = TaskSettings.from_dict(read_block(args.config, "task"))
+    task = read_block(args.config, "task")
     tokenizer = AutoTokenizer.from_pretrained(str(_existing(args.model, "--model")))
     _fresh_out(args.out, args, {"model": args.model})
     with atomic_dir(args.out) as tmp:
-        summary = make_task_data(settings, tokenizer, tmp / "train.parquet", tmp / "eval.parquet")
+        summary = make_task_data(task, tokenizer, tmp / "train.parquet", tmp / "eval.parquet")
     for split in ("train", "eval"):
         summary[split]["path"] = str(args.out / f"{split}.parquet")
     print(json.dumps(summary))
@@ -326,6 +339,19 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+class _DefaultsHelp(argparse.HelpFormatter):
+    """Adds "(default: X)" to every option whose help does not already say it (not for unset or off flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default == argparse.SUPPRESS
+        if "default" in text or unset or not action.option_strings:
+            return text
+        shown = ", ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})".lstrip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="qes", description="Quantized Evolution Strategies on GPTQ models.")
@@ -333,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, declare, run) in COMMANDS.items():
-        command = sub.add_parser(name, help=help_text, description=help_text)
+        command = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_DefaultsHelp)
         declare(command)
         command.set_defaults(run=run)
     return parser

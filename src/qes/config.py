@@ -129,6 +129,31 @@ def task_conflicts(task: dict, workdir: Path | None = None) -> list[str]:
         name = task.get(key)
         if name is not None and not ((workdir or Path.cwd()) / name).is_file():
             problems.append(f"task.{key}: {name} does not exist")
+    if task.get("name") == "dataset":
+        problems += _dataset_conflicts(task, workdir or Path.cwd())
+    elif task.get("reward") not in (None, "countdown"):
+        problems.append(f"task.reward: {task['reward']!r} applies to dataset tasks; countdown scores with its own")
+    return problems
+
+
+def _dataset_conflicts(task: dict, workdir: Path) -> list[str]:
+    from qes.tasks.rewards import BUILTIN
+
+    problems = []
+    data = task.get("dataset") or {}
+    if not data.get("train"):
+        problems.append("task.dataset.train: a dataset task needs its training rows (a file, saved dataset, hf:<id>)")
+    for key in ("train", "eval"):
+        name = data.get(key)
+        if name and not name.startswith("hf:") and not (workdir / name).exists():
+            problems.append(f"task.dataset.{key}: {name} does not exist")
+    reward = task.get("reward")
+    if reward not in (None, *BUILTIN):
+        file, sep, function = reward.rpartition(":")
+        if not sep or not file.endswith(".py") or not function.isidentifier():
+            problems.append(f"task.reward: {reward!r} is neither one of {', '.join(BUILTIN)} nor <file>.py:<function>")
+        elif not (workdir / file).is_file():
+            problems.append(f"task.reward: {file} does not exist")
     return problems
 
 

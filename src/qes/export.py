@@ -10,21 +10,28 @@ from qes.fsutil import atomic_dir, refuse_overlap
 from qes.seedlog import SeedLog, no_op_report, read_json
 
 CARD = """---
-library_name: transformers
-tags: [gptq, qes, evolution-strategies, countdown]
+{front_matter}
 ---
 # {name}
 
-GPTQ {bits}-bit (group size {group_size}) checkpoint of `{base_model}`, fine-tuned in its integer code space
-with Quantized Evolution Strategies (QES) on the Countdown task.
+GPTQ {bits}-bit (group size {group_size}) checkpoint fine-tuned in its integer code space with Quantized
+Evolution Strategies (QES) on the {task} task. Float model: {origin}.
 
-Load it like any GPTQ checkpoint (needs `gptqmodel`):
+Load it like any GPTQ checkpoint (transformers with `gptqmodel` and `optimum` installed):
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("{out_dir}")
 tokenizer = AutoTokenizer.from_pretrained("{out_dir}")
 ```
+
+Greedy decoding is the default (`generation_config.json` is the float model's).
+
+## Quantization
+
+| | |
+|---|---|
+{quant_rows}
 
 ## Identity
 
@@ -36,15 +43,18 @@ tokenizer = AutoTokenizer.from_pretrained("{out_dir}")
 The base's complete identity (codes, scales, zero points, g_idx, every other tensor, quantization and model
 config, tokenizer) hashes to `{base_identity}`.
 {notes}
-The tuned codes are a function of the base checkpoint and the seed log in `seed_log/` alone. Re-derive them
-bit for bit, on any hardware, with
+## Re-deriving these weights
+
+The tuned codes are a function of the base checkpoint and the seed log in `seed_log/` alone, bit for bit on
+any hardware. From the float model:
 
 ```bash
-qes replay --base {base_dir} --log {out_dir}/seed_log --out tuned-again
+{commands}
 ```
 
-which verifies the log's hash chain and the base's identity first, then every hash checkpoint on the way, and
-prints the final codes_sha256 above (`qes verify-log {out_dir}/seed_log` checks the log alone, in a second).
+`qes replay` verifies the log's hash chain and the base's identity first, then every hash checkpoint on the
+way, and prints the final codes_sha256 above (`qes verify-log {out_dir}/seed_log` checks the log alone, in a
+second).
 
 ## QES hyperparameters
 
@@ -52,13 +62,71 @@ prints the final codes_sha256 above (`qes verify-log {out_dir}/seed_log` checks 
 |---|---|
 {hyper_rows}
 
-## Held-out evaluation ({n} problems, greedy, {max_new_tokens} new tokens)
+## Evaluation: {task}, {n} held-out problems, greedy, {max_new_tokens} new tokens
+
+Reward: {reward}.
 
 | model | accuracy | format rate | mean reward |
 |---|---|---|---|
 | base (quantized) | {b_acc:.4f} | {b_fmt:.4f} | {b_rew:.4f} |
 | tuned (QES) | {t_acc:.4f} | {t_fmt:.4f} | {t_rew:.4f} |
 """
+
+COUNTDOWN_REWARD = "1 for a correct equation inside `<answer>` tags, 0.1 for the right format only, 0 otherwise"
+
+
+def float_origin(quant_report: dict) -> tuple[str, dict[str, str]]:
+    """A sentence naming where the float model came from, and the Hub metadata that follows from it."""
+    from qes.fetch import BUNDLED, parse_source
+
+    origin = quant_report.get("float_model") or {}
+    source = origin.get("source")
+    if not source:
+        return f"`{quant_report.get('model', 'unknown')}` (a local folder)", {}
+    kind, location = parse_source(source)
+    if kind == "bundled":
+        bundled = BUNDLED[location]
+        file = origin.get("source_file", {})
+        text = (f"`{source}`: {bundled.upstream}, the file {bundled.filename} (sha256 `{file.get('sha256', '?')}`) "
+                f"shipped in the Python package {origin.get('revision')}")
+        return text, {"base_model": bundled.upstream, "license": bundled.license}
+    if kind == "hf":
+        return f"`{location}` on the Hugging Face Hub at revision `{origin.get('revision')}`", {"base_model": location}
+    return f"`{source}` (a local folder)", {}
+
+
+def _front_matter(metadata: dict[str, str], task: str) -> str:
+    lines = [f"{key}: {metadata[key]}" for key in ("base_model",) if key in metadata]
+    lines += [f"license: {metadata.get('license', 'other')}", "library_name: transformers",
+              "pipeline_tag: text-generation", f"tags: [gptq, qes, evolution-strategies, {task}]"]
+    return "\n".join(lines)
+
+
+def _quant_rows(quant: dict, quant_report: dict) -> str:
+    config = quant_report.get("config", {})
+    rows = [("bits / group size", f"{quant['bits']} / {quant['group_size']}"),
+            ("symmetric / act-order", f"{quant.get('sym')} / {quant.get('desc_act')}"),
+            ("checkpoint format", quant.get("checkpoint_format", quant.get("format"))),
+            ("calibration prompts / damping", f"{config.get('calibration_samples', '?')} / "
+                                              f"{config.get('damp_percent', '?')}")]
+    quality = quant_report.get("quality", {})
+    if quality.get("prompts"):
+        rows.append(("next-token agreement with the float model", f"{quality['next_token_agreement']:.3f}"))
+    return "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def _commands(quant_report: dict, base_hash: str) -> str:
+    source = (quant_report.get("float_model") or {}).get("source", "local:<float model folder>")
+    config = quant_report.get("config", {})
+    quantize = " ".join(f"--{key.replace('_', '-')} {config[key]}" for key in
+                        ("bits", "group_size", "calibration_samples", "batch_size", "damp_percent") if key in config)
+    return "\n".join([
+        f"qes fetch --source {source} --out float-model",
+        f"qes quantize float-model {quantize} --out base",
+        f"qes codes-sha256 base        # prints {base_hash}",
+        "qes replay --base base --log seed_log --out tuned",
+    ])
+
 
 _CHECKPOINT_FILES = ("*.safetensors", "*.json", "*.jinja", "*.txt", "*.model")
 
@@ -102,9 +170,9 @@ def export_run(
     quant = read_json(replayed_dir / "config.json", "model config")["quantization_config"]
     no_op = no_op_report(seedlog, final["codes_sha256"])
     base_report = Path(base_dir) / "quant_report.json"
-    base_model = str(base_dir)
-    if base_report.is_file():
-        base_model = json.loads(base_report.read_text()).get("model", base_model)
+    quant_report = json.loads(base_report.read_text()) if base_report.is_file() else {"model": str(base_dir)}
+    origin, metadata = float_origin(quant_report)
+    task = "countdown"
     with atomic_dir(out_dir) as tmp:
         for pattern in _CHECKPOINT_FILES:
             for f in replayed_dir.glob(pattern):
@@ -114,12 +182,16 @@ def export_run(
         base, tuned = eval_metrics["base"], eval_metrics["tuned"]
         (tmp / "README.md").write_text(
             CARD.format(
+                front_matter=_front_matter(metadata, task),
                 name=out_dir.name,
                 bits=quant["bits"],
                 group_size=quant["group_size"],
-                base_model=base_model,
+                task=task,
+                origin=origin,
+                reward=COUNTDOWN_REWARD,
+                quant_rows=_quant_rows(quant, quant_report),
+                commands=_commands(quant_report, run_meta["base_codes_sha256"]),
                 out_dir=out_dir,
-                base_dir=base_dir,
                 base_hash=run_meta["base_codes_sha256"],
                 tuned_hash=final["codes_sha256"],
                 hyper_rows=_hyper_rows(run_meta),

@@ -68,6 +68,8 @@ class BundledModel:
     filename: str
     sha256: str
     size: int
+    upstream: str  # the hub repository the packaged file was converted from
+    license: str  # its licence, as a Hub metadata identifier
 
 
 BUNDLED: dict[str, BundledModel] = {
@@ -78,6 +80,8 @@ BUNDLED: dict[str, BundledModel] = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         size=98_362_432,
+        upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",
     ),
 }
 

@@ -22,15 +22,15 @@ from typing import Any
 
 import torch
 
-from qes.tasks.countdown import STOP_STRINGS, Problem, RewardRecord, read_task_parquet, reward
+from qes.tasks import RewardRecord, Task, read_task_data
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
     """Fixed decoding budget: ``max_new_tokens`` per prompt, ``batch_size`` prompts per call.
 
-    ``stop_strings``: a row stops once its text ends with one of them (the task's, by default; ``()``
-    stops at EOS only).
+    ``stop_strings``: a row stops once its text ends with one of them (None: the task's; ``()`` stops at
+    EOS only).
 
     ``share_prefix``: when the prompts of a call start with the same tokens (the system message and the
     worked examples), run that prefix once and let every row reuse its KV cache, instead of recomputing
@@ -42,7 +42,7 @@ class GenerationConfig:
     max_new_tokens: int = 64
     batch_size: int = 16
     share_prefix: bool = True
-    stop_strings: tuple[str, ...] = STOP_STRINGS
+    stop_strings: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:
@@ -51,19 +51,21 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class PromptBatch:
-    """Problems with their prompt texts and token ids, tokenised once.
+    """A task's rows with their prompt texts and token ids, tokenised once.
 
+    ``problems[i]`` is row ``i`` as the task's reward reads it (a Countdown problem, a dataset row).
     ``prefixes[i]`` is the assistant prefix that prompt ``i`` ends with; it is put back in front of
     the response when the reward is computed.
     """
 
-    problems: tuple[Problem, ...]
+    problems: tuple[Any, ...]
     prompts: tuple[str, ...]
     prefixes: tuple[str, ...]
     token_ids: tuple[tuple[int, ...], ...]
     tokenizer: Any = field(repr=False, compare=False)
     pad_token_id: int
     eos_token_id: int
+    task: Task = field(default=None, repr=False, compare=False)  # type: ignore[assignment]  # set by make_batch
 
     def __len__(self) -> int:
         return len(self.problems)
@@ -123,9 +125,13 @@ def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
 
 
 def make_batch(
-    tokenizer: Any, problems: Sequence[Problem], prompts: Sequence[str], prefixes: Sequence[str] | str
+    tokenizer: Any, problems: Sequence[Any], prompts: Sequence[str], prefixes: Sequence[str] | str,
+    task: Task | None = None,
 ) -> PromptBatch:
-    """Tokenise prompt texts (already chat-formatted; no special tokens are added)."""
+    """Tokenise prompt texts (already chat-formatted; no special tokens are added) of ``task``'s rows
+    (Countdown's by default)."""
+    if task is None:
+        from qes.tasks.countdown import TASK as task
     if isinstance(prefixes, str):
         prefixes = [prefixes] * len(prompts)
     if not (len(problems) == len(prompts) == len(prefixes)):
@@ -136,7 +142,8 @@ def make_batch(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     return PromptBatch(
-        tuple(problems), tuple(prompts), tuple(prefixes), tuple(tuple(i) for i in ids), tokenizer, int(pad), int(eos)
+        tuple(problems), tuple(prompts), tuple(prefixes), tuple(tuple(i) for i in ids), tokenizer, int(pad), int(eos),
+        task,
     )
 
 
@@ -150,6 +157,11 @@ class FitnessResult:
     mean_reward: float
     generated_tokens: int
     seconds: float
+
+
+def stop_strings(cfg: GenerationConfig, batch: PromptBatch) -> tuple[str, ...]:
+    """The stop strings of a call: the config's when set, else the batch's task's."""
+    return cfg.stop_strings if cfg.stop_strings is not None else batch.task.stop_strings
 
 
 def hf_generation_config(cfg: GenerationConfig, batch: PromptBatch) -> Any:
@@ -166,7 +178,7 @@ def hf_generation_config(cfg: GenerationConfig, batch: PromptBatch) -> Any:
         temperature=None,
         top_p=None,
         top_k=None,
-        stop_strings=list(cfg.stop_strings) or None,
+        stop_strings=list(stop_strings(cfg, batch)) or None,
     )
 
 
@@ -206,7 +218,7 @@ def generate(model: Any, batch: PromptBatch, cfg: GenerationConfig) -> tuple[lis
         kwargs = {}
         if chunk.prefix_len >= MIN_SHARED_PREFIX:
             kwargs["past_key_values"] = _prefix_cache(model, chunk, device)
-        if cfg.stop_strings:
+        if stop_strings(cfg, batch):
             kwargs["tokenizer"] = batch.tokenizer  # transformers matches stop strings on the token texts
         out = model.generate(
             input_ids=ids, attention_mask=chunk.attention_mask.to(device), generation_config=gen_cfg, **kwargs
@@ -229,10 +241,8 @@ def score(model: Any, batch: PromptBatch, cfg: GenerationConfig) -> FitnessResul
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
-    records = [
-        reward(r, p.numbers, p.target, prefix)
-        for r, p, prefix in zip(responses, batch.problems, batch.prefixes, strict=True)
-    ]
+    rows = zip(responses, batch.problems, batch.prefixes, strict=True)
+    records = [batch.task.score(response, row, prefix) for response, row, prefix in rows]
     rewards = [r.reward for r in records]
     mean = sum(rewards) / len(rewards) if rewards else 0.0
     return FitnessResult(rewards, records, responses, mean, tokens, seconds)
@@ -276,11 +286,15 @@ def write_examples(batch: PromptBatch, result: FitnessResult, path: str | Path) 
     import pyarrow.parquet as pq
 
     recs = result.records
+    rows = batch.problems
+    if all(hasattr(p, "numbers") for p in rows):  # Countdown problems
+        described = {"numbers": [list(p.numbers) for p in rows], "target": [p.target for p in rows]}
+    else:
+        described = {"reference": [str(getattr(p, "reference", "")) for p in rows]}
     table = pa.table(
         {
-            "id": [p.id for p in batch.problems],
-            "numbers": [list(p.numbers) for p in batch.problems],
-            "target": [p.target for p in batch.problems],
+            "id": [p.id for p in rows],
+            **described,
             "prompt": list(batch.prompts),
             "response": result.responses,
             "answer": [r.answer for r in recs],
@@ -313,5 +327,5 @@ def evaluate_heldout(
 
 def load_batch(tokenizer: Any, task_parquet: str | Path, limit: int | None = None) -> PromptBatch:
     """A prompt batch from a task Parquet file written by the task stage (its first ``limit`` rows)."""
-    problems, prompts, prefixes = read_task_parquet(task_parquet, limit)
-    return make_batch(tokenizer, problems, prompts, prefixes)
+    task, rows, prompts, prefixes = read_task_data(task_parquet, limit)
+    return make_batch(tokenizer, rows, prompts, prefixes, task)

@@ -70,11 +70,28 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             except OSError:
                 break
         raise
+    _usual_modes(tmp, umask)
     if target.is_symlink() or target.is_file():
         target.unlink()
     elif target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
+
+
+def _usual_modes(folder: Path, umask: int) -> None:
+    """Give every file the mode a plain `open()` would (0644 under the usual umask), keeping execute bits.
+
+    Some writers (safetensors, tempfile, copies of private sources) leave files 0600, and a shared output
+    then fails for every other user with "Permission denied".
+    """
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(0o777 & ~umask)
+        else:
+            executable = path.stat().st_mode & 0o111
+            path.chmod((0o777 if executable else 0o666) & ~umask)
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:

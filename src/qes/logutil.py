@@ -11,16 +11,34 @@ from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
+#: `log.info(..., extra=PROGRESS)` also shows the line on the console of a pipeline step (one per iteration)
+PROGRESS = {"progress": True}
 
-def _without_traceback(record: logging.LogRecord) -> bool:
-    return record.exc_info is None
+
+def _for_console(record: logging.LogRecord) -> bool:
+    """Warnings, errors (without their traceback) and progress lines reach the console."""
+    if record.exc_info is not None:
+        return False
+    return record.levelno >= logging.WARNING or getattr(record, "progress", False)
+
+
+class _ConsoleFormat(logging.Formatter):
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno >= logging.WARNING:
+            return f"{record.levelname}: {record.getMessage()} (log: {self.path})"
+        return f"{self.formatTime(record, '%H:%M:%S')} {record.getMessage()}"
 
 
 @contextlib.contextmanager
 def log_to(path: str | Path, level: int = logging.INFO) -> Iterator[logging.Logger]:
     """Send logging records and the process' stdout/stderr (also from C extensions) to ``path``.
 
-    The project's warnings and errors also reach the console (the process' original stderr), one line each.
+    The project's warnings, errors and progress lines (``extra=PROGRESS``) also reach the console (the
+    process' original stderr), one line each.
     An exception escaping the block is written to the log with its traceback, followed by its message as the
     log's last line; the console gets that line alone and the process exits with status 1 (the block is a
     pipeline step's whole script, so nothing is left to handle it).
@@ -38,9 +56,8 @@ def log_to(path: str | Path, level: int = logging.INFO) -> Iterator[logging.Logg
         handler = logging.StreamHandler(handle)
         handler.setFormatter(logging.Formatter(FORMAT))
         loud = logging.StreamHandler(console)
-        loud.setLevel(logging.WARNING)
-        loud.addFilter(_without_traceback)
-        loud.setFormatter(logging.Formatter(f"%(levelname)s: %(message)s (log: {path})"))
+        loud.addFilter(_for_console)
+        loud.setFormatter(_ConsoleFormat(path))
         logger = logging.getLogger("qes")
         root.addHandler(handler)
         logger.addHandler(loud)  # the project's own warnings only, not every library's

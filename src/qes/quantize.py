@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -496,6 +497,31 @@ def _gptq_pass(
     }
 
 
+def keep_generation_settings(model_dir: Path, out_dir: Path) -> None:
+    """Give the checkpoint the float model's generation settings.
+
+    GPTQModel writes a generation_config.json with ``do_sample: true`` of its own, so a plain ``generate()``
+    on the quantized model would sample where the float model decodes greedily.
+    """
+    source, target = model_dir / "generation_config.json", out_dir / "generation_config.json"
+    if source.is_file():
+        shutil.copyfile(source, target)
+    elif target.is_file():
+        settings = json.loads(target.read_text())
+        settings.pop("do_sample", None)
+        target.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def float_model_origin(model_dir: Path) -> dict[str, Any]:
+    """Where the float model came from, as its fetch manifest says (source, revision, source file hash)."""
+    manifest = model_dir / "manifest.json"
+    if not manifest.is_file():
+        return {"source": f"local:{model_dir}", "revision": None}
+    fetched = json.loads(manifest.read_text())
+    keys = ("name", "source", "revision", "source_file", "dtype", "parameters")
+    return {key: fetched[key] for key in keys if key in fetched}
+
+
 def quantize_model(
     model_dir: str | Path,
     out_dir: str | Path,
@@ -538,6 +564,7 @@ def quantize_model(
         timings.update(gptq["timings"])
         timings["gptq_process_s"] = time.perf_counter() - t0
         tokenizer.save_pretrained(str(tmp))
+        keep_generation_settings(model_dir, tmp)
 
         t0 = time.perf_counter()
         quant_model, _ = qcodes.load_quantized(tmp, device="cpu", dtype=torch.float32, backend="dense")
@@ -556,6 +583,7 @@ def quantize_model(
 
         report = {
             "model": str(model_dir),
+            "float_model": float_model_origin(model_dir),
             "format": "gptq",
             "bits": cfg.bits,
             "group_size": cfg.group_size,

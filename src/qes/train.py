@@ -26,6 +26,7 @@ from qes.dist import Ranks
 from qes.engine import Engine
 from qes.faults import fault_point
 from qes.fsutil import refuse_overlap
+from qes.logutil import PROGRESS
 from qes.noise import NoiseSpec, member_seeds
 from qes.replay import engine_for_log, layer_manifest, replay_steps
 from qes.seedlog import LoggedStep, SeedLog, SeedLogError, _write_atomic, no_op_report
@@ -200,7 +201,7 @@ def train(
     done = seedlog.iterations
     engine = engine_for_log(model, seedlog, base) if done else Engine(layers, seedlog.noise, seedlog.update)
     if done:
-        log.info("resuming %s: replaying %d logged iterations", run_dir, done)
+        log.info("resuming %s: replaying %d logged iterations", run_dir, done, extra=PROGRESS)
         replay_steps(engine, seedlog)
     finished = seedlog.finished
     if finished is not None and finished["iterations"] >= cfg.iterations:
@@ -276,7 +277,7 @@ def train(
             "iter %d/%d  reward mean %.4f max %.4f  changed %.4f%%  boundary %d/%d  "
             "fitness %.1fs perturb+restore %.2fs update %.2fs",
             t + 1, cfg.iterations, row["reward_mean"], row["reward_max"], 100 * row["changed_fraction"],
-            hits, stats.boundary_hits, t_fit, t_pert, t_update,
+            hits, stats.boundary_hits, t_fit, t_pert, t_update, extra=PROGRESS,
         )
         if on_iteration is not None:
             on_iteration(row)
