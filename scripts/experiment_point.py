@@ -19,7 +19,6 @@ with log_to(snakemake.log[0]) as log:
         evaluate,
         snakemake.output.point,
         snakemake.output.examples,
-        tmp_dir=snakemake.resources.tmpdir,
     )
     log.info(
         "%s at iteration %s: accuracy %.3f, format rate %.3f, mean reward %.3f (n = %d)",

@@ -33,7 +33,7 @@ NVIDIA_SMI = {
     "none": "#!/bin/sh\necho 'No devices were found'\nexit 6\n",
 }
 RULES = {"fetch_model", "quantize", "make_task_data", "finetune", "replay", "evaluate", "export"}
-EXPERIMENT_RULES = {"finetune", "replay", "experiment_summary"}
+EXPERIMENT_RULES = {"finetune", "experiment_point", "experiment_summary"}
 ENVS = ("qes-cpu.yaml", "qes-cuda.yaml")
 CPU_INDEX = "--extra-index-url https://download.pytorch.org/whl/cpu"
 

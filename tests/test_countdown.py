@@ -298,7 +298,7 @@ def test_task_settings_from_dict():
         TaskSettings.from_dict({"sizes": 3})
     with pytest.raises(ValueError, match=r"task\.prompt: Additional properties are not allowed \('shots'"):
         TaskSettings.from_dict({"prompt": {"shots": 1}})
-    with pytest.raises(ValueError, match=r"task\.name: 'gsm8k' is not one of \['countdown'\]"):
+    with pytest.raises(ValueError, match=r"task\.name: 'gsm8k' is not one of \['countdown', 'dataset'\]"):
         TaskSettings.from_dict({"name": "gsm8k"})
     with pytest.raises(ValueError, match=r"task\.num_count_min \(4\) is greater than task\.num_count_max \(3\)"):
         TaskSettings.from_dict({"num_count_min": 4})

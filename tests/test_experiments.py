@@ -114,3 +114,4 @@ def test_summary_curves_and_gain_over_seeds(tmp_path) -> None:
     assert "| QES, seed replay | 0.100 ± 0.000 | 0.100 ± 0.000 | 0.200 ± 0.000 |" in text
     plot_scores(summary, tmp_path / "scores.png")
     assert (tmp_path / "scores.png").read_bytes()[:4] == b"\x89PNG"
+

@@ -117,7 +117,7 @@ def test_backends_agree_on_heldout_prompts(workflow_run: Path) -> None:
         batch = make_batch(tokenizer, problems, prompts, settings.prompt.assistant_prefix)
         results[backend] = score(model, batch, GenerationConfig(max_new_tokens=48, batch_size=32))
         if backend == "dense":  # a stop string the model writes mid-response: its rows end right there
-            early = score(model, batch.subset(range(32)), GenerationConfig(48, 32, stop_strings=("<answer>",)))
+            early = score(model, batch.subset(range(16)), GenerationConfig(48, 16, stop_strings=("<answer>",)))
         with torch.no_grad():  # teacher-forced: every prompt position's next token, first 8 prompts
             next_tokens[backend] = torch.cat([model(torch.tensor([ids])).logits[0].argmax(-1)
                                               for ids in batch.token_ids[:8]])
@@ -257,6 +257,14 @@ def test_own_dataset_with_numeric_reward(workflow_run: Path) -> None:
         assert row["reference"].isdigit() and "\n" not in row["response"].strip()  # stopped at the newline
         assert row["correct"] == (row["answer"] == row["reference"])
     assert "iter 2/2" in result.stderr  # progress reaches the console
+    # the model card of such a run names its task and reward (read from the run's task data)
+    from qes.export import task_description
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workflow_run)
+        log = json.loads((workflow_run / "results/runs/arith/run.json").read_text())
+        task, reward = task_description(log["task_data"])
+    assert task == "dataset" and "the answer's last number equals the reference number" in reward
 
 
 EXPERIMENT_CONFIG = [

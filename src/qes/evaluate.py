@@ -7,6 +7,7 @@ import logging
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from qes.fitness import GenerationConfig, evaluate_heldout, load_batch, require_quantized
 
@@ -37,20 +38,32 @@ class EvaluateConfig:
         return cls(**complete(values, "evaluate", source="evaluate settings"), device=device)
 
 
-def evaluate_model(model_dir: str | Path, eval_parquet: str | Path, cfg: EvaluateConfig,
-                   metrics_path: Path, examples_path: str | Path) -> dict:
-    from qes.codes import describe_compute, load_quantized
+def load_for_evaluation(model_dir: str | Path, cfg: EvaluateConfig) -> tuple[Any, Any]:
+    """The checkpoint loaded on the device, dtype and backend the evaluation settings ask for."""
+    from qes.codes import load_quantized
     from qes.train import resolve_device
 
-    model, tokenizer = load_quantized(model_dir, device=resolve_device(cfg.device), dtype=cfg.dtype,
-                                      backend=cfg.backend)
+    return load_quantized(model_dir, device=resolve_device(cfg.device), dtype=cfg.dtype, backend=cfg.backend)
+
+
+def evaluate_loaded(model: Any, tokenizer: Any, name: str, eval_parquet: str | Path, cfg: EvaluateConfig,
+                    metrics_path: Path, examples_path: str | Path) -> dict:
+    """Score a loaded quantized model greedily on the first ``cfg.limit`` rows of ``eval_parquet``."""
+    from qes.codes import describe_compute
+
     compute = describe_compute(model)
-    logging.getLogger(__name__).info("evaluating %s on %s", model_dir, compute)
+    logging.getLogger(__name__).info("evaluating %s on %s", name, compute)
     require_quantized(model)
     batch = load_batch(tokenizer, eval_parquet, cfg.limit)
     generation = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    extra = {"model": str(model_dir), **compute}
+    extra = {"model": name, **compute}
     return evaluate_heldout(model, batch, generation, metrics_path, examples_path, extra=extra)
+
+
+def evaluate_model(model_dir: str | Path, eval_parquet: str | Path, cfg: EvaluateConfig,
+                   metrics_path: Path, examples_path: str | Path) -> dict:
+    model, tokenizer = load_for_evaluation(model_dir, cfg)
+    return evaluate_loaded(model, tokenizer, str(model_dir), eval_parquet, cfg, metrics_path, examples_path)
 
 
 def compare(base_dir: str | Path, tuned_dir: str | Path, eval_parquet: str | Path, cfg: EvaluateConfig,

@@ -182,24 +182,33 @@ def summarize_sweep(metrics: dict[str, str | Path], cfg: ExperimentConfig) -> di
 
 
 def score_point(base: str | Path, log_dir: str | Path | None, iteration: int, eval_parquet: str | Path,
-                cfg: EvaluateConfig, out_json: str | Path, out_examples: str | Path,
-                tmp_dir: str | Path | None = None) -> dict:
+                cfg: EvaluateConfig, out_json: str | Path, out_examples: str | Path) -> dict:
     """Metrics of one curve point on the scoring split: the base itself at iteration 0, otherwise the run's
-    seed log replayed onto the base up to `iteration` (every hash checkpoint on the way verified)."""
+    seed log replayed onto the base up to `iteration` (its chain, the base's identity and every hash
+    checkpoint on the way verified), in memory on the evaluation's own backend."""
     import tempfile
 
-    from qes.evaluate import evaluate_model
-    from qes.replay import replay_checkpoint
+    from qes.evaluate import evaluate_loaded, load_for_evaluation
+    from qes.replay import engine_for_log, replay_steps
+    from qes.seedlog import SeedLog, SeedLogError
 
-    with tempfile.TemporaryDirectory(dir=tmp_dir) as tmp:
-        model_dir, point = Path(base), {"iteration": iteration}
-        if iteration > 0:
-            if log_dir is None:
-                raise ValueError(f"iteration {iteration} of a base model: only iteration 0 exists")
-            model_dir = Path(tmp) / "model"
-            report = replay_checkpoint(base, log_dir, model_dir, until=iteration)
-            point |= {"seed_log": str(log_dir), "codes_sha256": report["codes_sha256"]}
-        metrics = evaluate_model(model_dir, eval_parquet, cfg, Path(tmp) / "metrics.json", out_examples)
+    point: dict = {"iteration": iteration}
+    seedlog = None
+    if iteration > 0:
+        if log_dir is None:
+            raise ValueError(f"iteration {iteration} of a base model: only iteration 0 exists")
+        seedlog = SeedLog.open(log_dir)
+        if iteration > seedlog.iterations:
+            raise SeedLogError(f"cannot score {log_dir} at iteration {iteration}: it holds {seedlog.iterations}")
+    model, tokenizer = load_for_evaluation(base, cfg)
+    if seedlog is not None:
+        engine = engine_for_log(model, seedlog)
+        replay_steps(engine, seedlog, stop=iteration)
+        point |= {"seed_log": str(log_dir), "codes_sha256": engine.codes_sha256()}
+    name = f"{log_dir} at iteration {iteration}" if seedlog is not None else str(base)
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = evaluate_loaded(model, tokenizer, name, eval_parquet, cfg, Path(tmp) / "metrics.json",
+                                  out_examples)
     point |= {k: metrics[k] for k in (*KEYS, "n")} | {"base": str(base)}
     Path(out_json).write_text(json.dumps(point, indent=2, sort_keys=True) + "\n")
     return point

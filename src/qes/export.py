@@ -73,6 +73,22 @@ Reward: {reward}.
 """
 
 COUNTDOWN_REWARD = "1 for a correct equation inside `<answer>` tags, 0.1 for the right format only, 0 otherwise"
+REWARDS = {
+    "exact_match": "1 when the answer equals the reference (normalised), 0.1 for giving an answer at all",
+    "numeric": "1 when the answer's last number equals the reference number, 0.1 for giving a number at all",
+    "countdown": COUNTDOWN_REWARD,
+}
+
+
+def task_description(task_data: str | Path | None) -> tuple[str, str]:
+    """The task's name and a sentence on its reward, read from the run's task data file when it is there."""
+    from qes.tasks import task_of
+
+    meta = task_of(task_data) if task_data and Path(task_data).is_file() else {"name": "countdown"}
+    if meta["name"] == "countdown":
+        return "Countdown", COUNTDOWN_REWARD
+    reward = meta.get("reward") or "exact_match"
+    return "dataset", REWARDS.get(reward, f"the user function `{reward}` (sha256 `{meta.get('reward_sha256')}`)")
 
 
 def float_origin(quant_report: dict) -> tuple[str, dict[str, str]]:
@@ -172,7 +188,7 @@ def export_run(
     base_report = Path(base_dir) / "quant_report.json"
     quant_report = json.loads(base_report.read_text()) if base_report.is_file() else {"model": str(base_dir)}
     origin, metadata = float_origin(quant_report)
-    task = "countdown"
+    task, reward = task_description(run_meta.get("task_data"))
     with atomic_dir(out_dir) as tmp:
         for pattern in _CHECKPOINT_FILES:
             for f in replayed_dir.glob(pattern):
@@ -182,13 +198,13 @@ def export_run(
         base, tuned = eval_metrics["base"], eval_metrics["tuned"]
         (tmp / "README.md").write_text(
             CARD.format(
-                front_matter=_front_matter(metadata, task),
+                front_matter=_front_matter(metadata, task.lower()),
                 name=out_dir.name,
                 bits=quant["bits"],
                 group_size=quant["group_size"],
                 task=task,
                 origin=origin,
-                reward=COUNTDOWN_REWARD,
+                reward=reward,
                 quant_rows=_quant_rows(quant, quant_report),
                 commands=_commands(quant_report, run_meta["base_codes_sha256"]),
                 out_dir=out_dir,
