@@ -287,14 +287,10 @@ def write_examples(batch: PromptBatch, result: FitnessResult, path: str | Path) 
 
     recs = result.records
     rows = batch.problems
-    if all(hasattr(p, "numbers") for p in rows):  # Countdown problems
-        described = {"numbers": [list(p.numbers) for p in rows], "target": [p.target for p in rows]}
-    else:
-        described = {"reference": [str(getattr(p, "reference", "")) for p in rows]}
     table = pa.table(
         {
             "id": [p.id for p in rows],
-            **described,
+            **batch.task.describe(rows),
             "prompt": list(batch.prompts),
             "response": result.responses,
             "answer": [r.answer for r in recs],

@@ -8,7 +8,7 @@ of a row stops at EOS or at the end of one of the task's stop strings.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +30,10 @@ class Task:
 
     ``score(completion, row, prefix)`` rewards one completion of ``row`` (what the task data file holds
     for it); ``prefix`` is the assistant prefix its prompt ended with, which the completion continues.
+    ``describe(rows)`` gives the columns that identify the rows in the per-example evaluation output.
     """
 
     name: str
     stop_strings: tuple[str, ...]
     score: Callable[[str, Any, str], RewardRecord]
+    describe: Callable[[Sequence[Any]], dict[str, list]]

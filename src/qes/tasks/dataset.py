@@ -260,7 +260,13 @@ def dataset_task(meta: Mapping[str, Any], base_dir: str | Path | None = None) ->
                 message = f"reward {spec!r} raised on row {row.id!r}: {type(error).__name__}: {error}"
                 raise RewardError(message) from error
             return user_record(value, spec, row.id)
-    return Task(name="dataset", stop_strings=tuple(meta.get("stop_strings") or ()), score=score)
+    return Task(name="dataset", stop_strings=tuple(meta.get("stop_strings") or ()), score=score,
+                describe=describe_rows)
+
+
+def describe_rows(rows: Sequence[DatasetRow]) -> dict[str, list]:
+    """The reference answer of each row, for the per-example evaluation output."""
+    return {"reference": [row.reference for row in rows]}
 
 
 def read_rows(table: Any) -> list[DatasetRow]:

@@ -65,8 +65,13 @@ def score_row(response: str, problem: Problem, prefix: str) -> RewardRecord:
     return reward(response, problem.numbers, problem.target, prefix)
 
 
+def describe_rows(problems: Sequence[Problem]) -> dict[str, list]:
+    """The numbers and target of each problem, for the per-example evaluation output."""
+    return {"numbers": [list(p.numbers) for p in problems], "target": [p.target for p in problems]}
+
+
 #: Countdown behind the task interface
-TASK = Task(name="countdown", stop_strings=STOP_STRINGS, score=score_row)
+TASK = Task(name="countdown", stop_strings=STOP_STRINGS, score=score_row, describe=describe_rows)
 
 
 TASK_COLUMNS = ("id", "numbers", "target", "solution", "prompt", "assistant_prefix")
