@@ -84,6 +84,12 @@ def test_tiny_on_cpu(tmp_path):
         assert math.isfinite(res[key]) and res[key] > 0, (key, res[key])
     assert res["qes_tokens"] == res["plain_tokens"] == 4 * 16, "every row generates all its tokens"
     assert "memory_ratio" not in res and row(rows, "peak memory")[2] == "n/a", "no device memory on a CPU"
+    # member batching: 4 members scored together; the first one's responses as when it is scored alone
+    assert row(rows, "first member's responses, together = alone")[0] == "4/4 rows"
+    assert res["member_group"] == 4 and res["plain_group_rows"] == 16
+    for key in ("member_alone_s", "member_group_s", "member_group_vs_alone", "member_group_throughput_ratio"):
+        assert math.isfinite(res[key]) and res[key] > 0, (key, res[key])
+    assert row(rows, "4 members scored together")[2] == "n/a", "the group targets are for GPUs"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -19,8 +19,8 @@ from qes.qlinear import (
     _pack_int4,
     choose_backend,
     compute_dtype,
-    cpu_runs_bf16_natively,
     dequantize_weight,
+    faster_cpu_int4_backend,
     int4pack_layout,
     unpack_along_rows,
 )
@@ -126,7 +126,10 @@ def test_auto_choices() -> None:
     with pytest.raises(ValueError, match="backend must be one of"):
         choose_backend("marlin", 4, "cpu")
     assert compute_dtype("auto", "cuda") == torch.bfloat16
-    assert compute_dtype("auto", "cpu") == (torch.bfloat16 if cpu_runs_bf16_natively() else torch.float32)
+    assert compute_dtype("auto", "cpu") == torch.float32
+    assert choose_backend("auto", 4, "cpu", cpu_int4="dense") == "dense"
+    assert faster_cpu_int4_backend({"int4pack": 10.0, "dense": 9.5}) == "int4pack"  # within 10%: less memory
+    assert faster_cpu_int4_backend({"int4pack": 10.0, "dense": 8.9}) == "dense"
     assert compute_dtype("float16", "cpu") == torch.float16
     with pytest.raises(ValueError, match="dtype must be"):
         compute_dtype("fp8", "cpu")

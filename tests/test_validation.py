@@ -187,7 +187,8 @@ def test_a_run_that_cannot_resume_is_refused_while_planning(workdir: Path, tiny_
     defaults = complete(yaml.safe_load((workdir / "config/config.yaml").read_text()))
     cfg = finetune_config(defaults["finetune"])
     stage = {"base_checkpoint": "results/quantized/smollm2-135m-instruct-w4g64",
-             "task_data": "results/data/countdown/train.parquet", "batch_prompts": 16, "max_new_tokens": 48}
+             "task_data": "results/data/countdown/train.parquet", "batch_prompts": 16, "max_new_tokens": 48,
+             "fitness": cfg.fitness_path()}
     train(model, quantized_linears(model), fitness_of(model), cfg.train, workdir / "results/runs/default", stage)
     assert snakemake(workdir, "--cores", "1", "-n", "results/finetune/default/summary.json").returncode == 0
     planted = _plant(workdir, "results/finetune/default/summary.json", "results/finetune/default/metrics.parquet")

@@ -234,7 +234,7 @@ def _add_compute_options(parser: argparse.ArgumentParser) -> None:
                         help="forward path of the quantized layers: int4pack (torch's CPU int4 matmul, INT4), "
                              "dense (dequantized weight, any device), auto (default: int4pack for INT4 on CPU)")
     parser.add_argument("--dtype", choices=_enum("finetune", "dtype"), default=None,
-                        help="compute dtype (default auto: bf16 on CUDA and CPUs with native bf16, else float32)")
+                        help="compute dtype (default auto: bf16 on CUDA, float32 on the CPU)")
 
 
 def _compute_options(args: argparse.Namespace) -> dict:

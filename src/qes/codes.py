@@ -56,11 +56,14 @@ import torch
 
 from qes import _env  # noqa: F401  (sets GPTQModel's environment before gptqmodel is imported)
 from qes.qlinear import (
+    INT4PACK_GROUPS,
     GPTQLinear,
     choose_backend,
     compute_dtype,
+    faster_cpu_int4_backend,
     int4pack_kernel_dtype,
     make_backend,
+    measure_cpu_int4_backends,
     unpack_along_rows,
 )
 
@@ -382,15 +385,23 @@ def _choose_backends(model: torch.nn.Module, requested: str, device: torch.devic
     from qes.qlinear import int4pack_layout
 
     counts: dict[str, int] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, GPTQLinear):
-            continue
-        chosen = choose_backend(requested, module.bits, device)
+    cpu_int4 = "int4pack"
+    modules = [(name, m) for name, m in model.named_modules() if isinstance(m, GPTQLinear)]
+    int4 = sorted({(m.out_features, m.in_features, m.group_size) for _, m in modules if m.bits == 4})
+    runnable = [shape for shape in int4 if shape[2] in INT4PACK_GROUPS and shape[1] % shape[2] == 0]
+    if requested == "auto" and device.type == "cpu" and runnable:
+        timings = measure_cpu_int4_backends(runnable, dtype, kernel_dtype)
+        cpu_int4 = faster_cpu_int4_backend(timings)
+        model.qes_backend_timings = {k: round(v, 2) for k, v in timings.items()}
+        log.info("INT4 on this CPU: %s ms per pass over the layer shapes; auto chooses %s",
+                 model.qes_backend_timings, cpu_int4)
+    for name, module in modules:
+        chosen = choose_backend(requested, module.bits, device, cpu_int4)
         if chosen == "int4pack":
             try:
                 int4pack_layout(module.out_features, module.in_features)
-                if module.group_size not in (32, 64, 128, 256):
-                    raise ValueError(f"group size {module.group_size} is not one of 32, 64, 128, 256")
+                if module.group_size not in INT4PACK_GROUPS:
+                    raise ValueError(f"group size {module.group_size} is not one of {INT4PACK_GROUPS}")
             except ValueError as error:
                 if requested == "int4pack":
                     raise ValueError(f"layer {name}: backend int4pack cannot run it: {error}") from None
@@ -412,7 +423,7 @@ def load_quantized(
 
     The architecture comes from transformers (built without weights), every GPTQ linear becomes a
     :class:`qes.qlinear.GPTQLinear` filled from the checkpoint, and every other tensor is loaded in
-    ``dtype``: ``auto`` is bfloat16 on CUDA and on CPUs with native bf16, float32 elsewhere
+    ``dtype``: ``auto`` is bfloat16 on CUDA and float32 on the CPU
     (:func:`qes.qlinear.compute_dtype`). ``backend`` picks the forward path (``auto``, ``int4pack``,
     ``dense``; see :mod:`qes.qlinear`); under ``auto`` a layer whose shape torch's int4 packing cannot hold
     exactly runs dense; ``backend="none"`` loads the codes only, with no forward path (replay, hashing).
@@ -476,6 +487,8 @@ def assemble_quantized(
     kernel_dtype = int4pack_kernel_dtype(dtype, torch_dtype)
     backends = _choose_backends(model, backend, device, torch_dtype, kernel_dtype)
     model.qes_compute = _compute_record(device, torch_dtype, backends)
+    if hasattr(model, "qes_backend_timings"):
+        model.qes_compute["backend_ms"] = model.qes_backend_timings
     if "int4pack" in backends:
         model.qes_compute["int4pack_dtype"] = str(kernel_dtype).removeprefix("torch.")
     return model

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qes.codes import QuantLinear
+from qes.members import LayerDelta
 from qes.noise import BlockTable, NoiseSpec, table_noise
 from qes.store import Arena
 from qes.update import (
@@ -143,18 +144,39 @@ class Engine:
 
     # --- perturb / restore -------------------------------------------------------------------------
 
+    def _gated_noise(self, chunk: _Chunk, seed: int, sign: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """sign * delta(seed) on a chunk: (indices, deltas, inside) where inside marks the entries that keep
+        their code in [0, max_code]; the others are gated (not perturbed)."""
+        index, delta = table_noise(self.noise, seed, chunk.table)
+        delta = delta * sign
+        target = chunk.arena.gather(index) + delta
+        return index, delta, (target >= 0) & (target <= chunk.arena.max_code)
+
     @torch.no_grad()
     @_integer_threads()
     def perturb(self, seed: int, sign: int) -> Perturbation:
         gated = []
         for chunk in self.chunks:
-            index, delta = table_noise(self.noise, seed, chunk.table)
-            delta = delta * sign
-            target = chunk.arena.gather(index) + delta
-            inside = (target >= 0) & (target <= chunk.arena.max_code)
+            index, delta, inside = self._gated_noise(chunk, seed, sign)
             chunk.arena.add(index[inside], delta[inside])
             gated.append(index[~inside])
         return Perturbation(seed, sign, tuple(gated))
+
+    @torch.no_grad()
+    @_integer_threads()
+    def member_deltas(self, seed: int, sign: int) -> dict[str, LayerDelta]:
+        """What :meth:`perturb` would add, per layer name, without touching the codes (for qes.members)."""
+        out: dict[str, LayerDelta] = {}
+        for chunk in self.chunks:
+            index, delta, inside = self._gated_noise(chunk, seed, sign)
+            layer, o, i, _ = chunk.arena.locate(index[inside])
+            delta = delta[inside]
+            order = torch.argsort(layer, stable=True)
+            counts = torch.bincount(layer, minlength=len(chunk.arena.layers)).tolist()
+            parts = zip(o[order].split(counts), i[order].split(counts), delta[order].split(counts))
+            for quant, (lo, li, ld) in zip(chunk.arena.layers, parts):
+                out[quant.name] = LayerDelta(lo, li, ld)
+        return out
 
     @torch.no_grad()
     @_integer_threads()

@@ -4,11 +4,19 @@ The training loop scores the same prompts with many perturbed models per iterati
 are tokenised once into a :class:`PromptBatch` and :func:`score` only generates and rewards.
 Generation is greedy (deterministic), uses the KV cache, pads on the left, stops each row at EOS or
 at the end of one of the task's stop strings (Countdown: ``</answer>``; nothing after it can earn
-reward) and never runs past ``max_new_tokens``.  The prompts' common leading tokens (system message and
-worked examples, ~80% of a few-shot prompt) are run once per call and their KV cache is shared by
-all rows (``GenerationConfig.share_prefix``): about 2x the throughput of a plain ``generate`` on CPU,
-with the same greedy outputs up to floating-point rounding.  :func:`evaluate_heldout` writes the
-held-out metrics.
+reward) and never runs past ``max_new_tokens``. The prompts' common leading tokens (system message and
+worked examples, ~80% of a few-shot prompt) are run once per call (``GenerationConfig.share_prefix``).
+
+Two decoders produce the same greedy function up to floating-point rounding (``GenerationConfig.prefix_cache``):
+
+``member`` (default)
+    :mod:`qes.decoding`: the prefix's keys and values stored once per member and read once per step, and
+    several perturbed members scored in one batch (:func:`score_group`, with :mod:`qes.members`).
+``row``
+    transformers' ``generate`` with the prefix's cache repeated for every row, one member at a time: the
+    reference the member decoder is tested against.
+
+:func:`evaluate_heldout` writes the held-out metrics.
 """
 
 from __future__ import annotations
@@ -16,13 +24,21 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from qes.tasks import RewardRecord, Task, read_task_data
+
+if TYPE_CHECKING:
+    from qes.decoding import MemberScopes
+
+
+#: where a shared prompt prefix's keys and values are kept: once per member (qes.decoding) or once per row
+PREFIX_CACHES = ("member", "row")
 
 
 @dataclass(frozen=True)
@@ -37,16 +53,22 @@ class GenerationConfig:
     it per row. Rows are then laid out as ``[prefix | padding | own tokens]`` (position ids follow the
     attention mask, so every real token keeps its position). Same greedy model function, about half the
     time for few-shot prompts on CPU.
+
+    ``prefix_cache``: ``member`` keeps the prefix once per member (:mod:`qes.decoding`, which also scores
+    several members at once); ``row`` is transformers' ``generate`` with the prefix repeated per row.
     """
 
     max_new_tokens: int = 64
     batch_size: int = 16
     share_prefix: bool = True
     stop_strings: tuple[str, ...] | None = None
+    prefix_cache: str = "member"
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("max_new_tokens and batch_size must be >= 1")
+        if self.prefix_cache not in PREFIX_CACHES:
+            raise ValueError(f"prefix_cache must be one of {', '.join(PREFIX_CACHES)}, got {self.prefix_cache!r}")
 
 
 @dataclass(frozen=True)
@@ -206,9 +228,41 @@ def _prefix_cache(model: Any, chunk: Chunk, device: torch.device) -> Any:
     return cache
 
 
-@torch.inference_mode()
 def generate(model: Any, batch: PromptBatch, cfg: GenerationConfig) -> tuple[list[str], int]:
     """Greedy responses for every prompt of ``batch`` and the number of generated tokens."""
+    if cfg.prefix_cache == "member":
+        responses, tokens = generate_group(model, batch, cfg)
+        return responses[0], tokens[0]
+    return _generate_rows(model, batch, cfg)
+
+
+def generate_group(model: Any, batch: PromptBatch, cfg: GenerationConfig, members: MemberScopes | None = None
+                   ) -> tuple[list[list[str]], list[int]]:
+    """Greedy responses of each member of ``members`` (a :class:`qes.members.MemberGroup`; the model as it is
+    when None) for every prompt of ``batch``, and each member's number of generated tokens."""
+    from qes.decoding import StopStrings, greedy_group
+
+    if cfg.prefix_cache != "member":
+        raise ValueError("scoring several members at once needs prefix_cache: member")
+    count = members.size if members is not None else 1
+    stops = StopStrings(batch.tokenizer, stop_strings(cfg, batch))
+    responses: list[list[str]] = [[] for _ in range(count)]
+    tokens = [0] * count
+    for chunk in batch.chunks(cfg.batch_size, share_prefix=cfg.share_prefix):
+        prefix = chunk.prefix_len if chunk.prefix_len >= MIN_SHARED_PREFIX else 0
+        decoded = greedy_group(model, chunk.input_ids, chunk.attention_mask, prefix, cfg.max_new_tokens,
+                               batch.eos_token_id, stops, members)
+        rows = chunk.input_ids.shape[0]
+        texts = batch.tokenizer.batch_decode(decoded.tokens, skip_special_tokens=True)
+        for m in range(count):
+            responses[m].extend(texts[m * rows : (m + 1) * rows])
+            tokens[m] += sum(len(t) for t in decoded.tokens[m * rows : (m + 1) * rows])
+    return responses, tokens
+
+
+@torch.inference_mode()
+def _generate_rows(model: Any, batch: PromptBatch, cfg: GenerationConfig) -> tuple[list[str], int]:
+    """transformers' ``generate`` with the shared prefix's cache repeated for every row (``prefix_cache: row``)."""
     gen_cfg = hf_generation_config(cfg, batch)
     device = next(model.parameters()).device
     responses: list[str] = []
@@ -233,14 +287,33 @@ def generate(model: Any, batch: PromptBatch, cfg: GenerationConfig) -> tuple[lis
 
 def score(model: Any, batch: PromptBatch, cfg: GenerationConfig) -> FitnessResult:
     """Generate greedily for the whole batch and reward every response."""
+    start = time.perf_counter()
+    with _eval_mode(model):
+        responses, tokens = generate(model, batch, cfg)
+    return _rewarded(batch, responses, tokens, time.perf_counter() - start)
+
+
+def score_group(model: Any, batch: PromptBatch, cfg: GenerationConfig, members: MemberScopes) -> list[FitnessResult]:
+    """:func:`score` for each member of a :class:`qes.members.MemberGroup`; each result's ``seconds`` is its
+    share of the group's time."""
+    start = time.perf_counter()
+    with _eval_mode(model):
+        responses, tokens = generate_group(model, batch, cfg, members)
+    share = (time.perf_counter() - start) / members.size
+    return [_rewarded(batch, r, n, share) for r, n in zip(responses, tokens, strict=True)]
+
+
+@contextmanager
+def _eval_mode(model: Any):
     was_training = model.training
     model.eval()
-    start = time.perf_counter()
     try:
-        responses, tokens = generate(model, batch, cfg)
+        yield
     finally:
         model.train(was_training)
-    seconds = time.perf_counter() - start
+
+
+def _rewarded(batch: PromptBatch, responses: list[str], tokens: int, seconds: float) -> FitnessResult:
     rows = zip(responses, batch.problems, batch.prefixes, strict=True)
     records = [batch.task.score(response, row, prefix) for response, row, prefix in rows]
     rewards = [r.reward for r in records]

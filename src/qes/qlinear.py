@@ -26,20 +26,29 @@ first use, and would leave the codes in a layout the project does not control. G
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from qes.members import MemberCorrection
 
 __all__ = [
     "BACKENDS",
     "GPTQLinear",
     "choose_backend",
     "compute_dtype",
+    "faster_cpu_int4_backend",
+    "measure_cpu_int4_backends",
     "dequantize_weight",
     "int4pack_layout",
     "unpack_along_rows",
 ]
 
 BACKENDS = ("auto", "int4pack", "dense")
+#: group sizes torch's int4 CPU kernel runs
+INT4PACK_GROUPS = (32, 64, 128, 256)
 #: For loading without any forward path (replay, hashing, saving): codes only, no cache memory.
 CODES_ONLY = "none"
 
@@ -53,18 +62,23 @@ def unpack_along_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def cpu_runs_bf16_natively() -> bool:
-    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX); others emulate bf16 arithmetic, slowly."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    """Whether torch runs bf16 natively here: bf16 instructions (AVX512-BF16 or AMX) that torch's kernels may
+    use (not under ``ATEN_CPU_CAPABILITY=avx2``); elsewhere bf16 arithmetic is emulated, slowly."""
+    hardware = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return bool(hardware) and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def compute_dtype(requested: str | torch.dtype, device: str | torch.device) -> torch.dtype:
-    """The activation dtype: ``auto`` is bfloat16 on CUDA and on CPUs with native bf16, float32 elsewhere."""
+    """The activation dtype: ``auto`` is bfloat16 on CUDA and float32 on the CPU.
+
+    On the CPU, greedy generation in bf16 changes with the batch layout (measured on the default model with
+    native bf16: member-batched and member-by-member scoring agreed on 46-72% of rows against 100% in float32),
+    and the fitness signal is noisy enough without that; float32 costs about 15% there. ``bfloat16`` asks for it.
+    """
     if isinstance(requested, torch.dtype):
         return requested
     if requested == "auto":
-        if torch.device(device).type == "cuda" or cpu_runs_bf16_natively():
-            return torch.bfloat16
-        return torch.float32
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if requested not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {requested!r}")
     return getattr(torch, requested)
@@ -75,24 +89,73 @@ def int4pack_kernel_dtype(requested: str | torch.dtype, model_dtype: torch.dtype
 
     torch's int4 CPU kernel is vectorised in bf16 on every instruction set, while its float32 path is a slow
     fallback (measured on AVX2: 13x slower at 16 rows x a 1536x576 layer). So ``auto`` keeps float32 for the
-    rest of the model on CPUs that emulate bf16 and rounds only the int4 matmuls' inputs to bf16; an explicit
-    ``float32`` means float32 everywhere.
+    rest of the model and rounds only the int4 matmuls' inputs to bf16; an explicit ``float32`` means float32
+    everywhere.
     """
     return torch.bfloat16 if requested == "auto" and model_dtype == torch.float32 else model_dtype
 
 
-def choose_backend(requested: str, bits: int, device: str | torch.device) -> str:
-    """``auto``: int4pack for INT4 on CPU, dense otherwise; an explicit choice is checked, not changed."""
+def choose_backend(requested: str, bits: int, device: str | torch.device, cpu_int4: str = "int4pack") -> str:
+    """``auto``: ``cpu_int4`` (see :func:`faster_cpu_int4_backend`) for INT4 on CPU, dense otherwise; an
+    explicit choice is checked, not changed."""
     if requested == CODES_ONLY:
         return CODES_ONLY
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
     device_type = torch.device(device).type
     if requested == "auto":
-        return "int4pack" if bits == 4 and device_type == "cpu" else "dense"
+        return cpu_int4 if bits == 4 and device_type == "cpu" else "dense"
     if requested == "int4pack" and (bits != 4 or device_type != "cpu"):
         raise ValueError(f"backend int4pack runs INT4 codes on the CPU only (asked for {bits}-bit on {device_type})")
     return requested
+
+
+#: rows of the timed products: a decode step of a member-batched group and a prompt's prefill
+MEASURE_ROWS = (64, 512)
+_measured: dict[tuple, dict[str, float]] = {}
+
+
+def measure_cpu_int4_backends(shapes: list[tuple[int, int, int]], dtype: torch.dtype, kernel_dtype: torch.dtype
+                              ) -> dict[str, float]:
+    """Milliseconds of one product through each of the layer ``shapes`` ``(out, in, group)`` at each of
+    :data:`MEASURE_ROWS` rows, per CPU backend (int4pack in ``kernel_dtype``, dense in ``dtype``), best of
+    five rounds after a warm-up. Synthetic codes from a counter (the values do not change the speed).
+    Measured once per process and setting."""
+    import time
+
+    key = (tuple(shapes), dtype, kernel_dtype, torch.get_num_threads(), torch.backends.cpu.get_cpu_capability())
+    if key in _measured:
+        return _measured[key]
+    calls = []
+    for out_f, in_f, group in shapes:
+        codes = (torch.arange(out_f * in_f, dtype=torch.int64).view(out_f, in_f) * 2654435761 >> 7) % 16
+        scales_zeros = torch.stack([torch.full((in_f // group, out_f), 0.01), torch.zeros(in_f // group, out_f)],
+                                   dim=2).to(kernel_dtype)
+        packed = _pack_int4(codes)
+        weight = ((codes - 8).to(torch.float32) * 0.01).to(dtype)
+        for rows in MEASURE_ROWS:
+            x = torch.linspace(-1, 1, rows * in_f).view(rows, in_f)
+            calls.append((
+                partial(torch.ops.aten._weight_int4pack_mm_for_cpu, x.to(kernel_dtype), packed, group, scales_zeros),
+                partial(torch.nn.functional.linear, x.to(dtype), weight),
+            ))
+    best = {"int4pack": float("inf"), "dense": float("inf")}
+    for round_ in range(6):
+        spent = {"int4pack": 0.0, "dense": 0.0}
+        for int4, dense in calls:
+            for name, fn in (("int4pack", int4), ("dense", dense)):
+                start = time.perf_counter()
+                fn()
+                spent[name] += time.perf_counter() - start
+        if round_:  # the first round warms up
+            best = {k: min(best[k], 1000 * v) for k, v in spent.items()}
+    _measured[key] = best
+    return best
+
+
+def faster_cpu_int4_backend(timings: dict[str, float]) -> str:
+    """int4pack (8x less memory) unless dense measured at least 10% faster."""
+    return "dense" if timings["dense"] < 0.9 * timings["int4pack"] else "int4pack"
 
 
 def dequantize_weight(module: GPTQLinear, dtype: torch.dtype) -> torch.Tensor:
@@ -127,6 +190,8 @@ class GPTQLinear(torch.nn.Module):
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, device=device))
         self.bias = torch.nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
         self.backend: Backend | None = None
+        #: set while a group of perturbed members is scored at once (qes.members.members_installed)
+        self.members: MemberCorrection | None = None
 
     def extra_repr(self) -> str:
         name = self.backend.name if self.backend is not None else "none"
@@ -169,7 +234,10 @@ class GPTQLinear(torch.nn.Module):
         if self.backend is None:
             raise RuntimeError("GPTQLinear has no backend; load the model with qes.codes.load_quantized")
         self.sync_cache()
-        out = self.backend.forward(self, x.reshape(-1, self.in_features))
+        rows = x.reshape(-1, self.in_features)
+        out = self.backend.forward(self, rows)
+        if self.members is not None:
+            out = self.members.add_to(out, rows)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -332,8 +400,8 @@ class Int4PackBackend(Backend):
     """torch's CPU int4 matmul; the result is cast back to the input's dtype.
 
     The kernel computes ``(q - 8) * scale + offset``; GPTQ's ``(q - z) * s`` is that with ``offset = (8 - z) * s``.
-    ``kernel_dtype`` is the dtype the kernel computes in. Under ``dtype: auto`` on a CPU without native bf16
-    the model computes in float32 but this kernel in bf16 (see :func:`int4pack_kernel_dtype`).
+    ``kernel_dtype`` is the dtype the kernel computes in. Under ``dtype: auto`` the model computes in float32
+    but this kernel in bf16 (see :func:`int4pack_kernel_dtype`).
     """
 
     name = "int4pack"
@@ -344,7 +412,7 @@ class Int4PackBackend(Backend):
     def prepare(self, module: GPTQLinear) -> None:
         if module.bits != 4 or module.qweight.device.type != "cpu":
             raise ValueError("int4pack runs INT4 layers on the CPU only")
-        if module.group_size not in (32, 64, 128, 256) or module.in_features % module.group_size:
+        if module.group_size not in INT4PACK_GROUPS or module.in_features % module.group_size:
             raise ValueError(f"int4pack needs a group size of 32, 64, 128 or 256 dividing in_features, "
                              f"got {module.group_size} for in_features {module.in_features}")
         int4pack_layout(module.out_features, module.in_features)  # raises where the layout is not exact

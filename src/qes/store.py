@@ -59,7 +59,7 @@ class Arena:
         for module in modules:
             module.mark_cache_current()
 
-    def _locate(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def locate(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(layer, o, i, local k) of arena-flat indices."""
         layer = torch.bucketize(index, self.code_offsets[1:], right=True)
         local = index - self.code_offsets[layer]
@@ -73,7 +73,7 @@ class Arena:
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
         """Codes at arena-flat indices, as int64."""
-        layer, o, i, _ = self._locate(index)
+        layer, o, i, _ = self.locate(index)
         pos, shift = self._words(layer, o, i)
         return (self.flat[pos].long() >> shift) & self.mask
 
@@ -81,7 +81,7 @@ class Arena:
         """Add in-range deltas to the codes at distinct arena-flat indices, and to the forward cache there."""
         if not index.numel():
             return
-        layer, o, i, local = self._locate(index)
+        layer, o, i, local = self.locate(index)
         pos, shift = self._words(layer, o, i)
         self.flat.index_add_(0, pos, (delta << shift).to(self.flat.dtype))
         codes = (self.flat[pos].long() >> shift) & self.mask

@@ -27,6 +27,7 @@ from qes.engine import Engine
 from qes.faults import fault_point
 from qes.fsutil import refuse_overlap
 from qes.logutil import PROGRESS
+from qes.members import MemberGroup
 from qes.noise import NoiseSpec, member_seeds
 from qes.replay import engine_for_log, layer_manifest, replay_steps
 from qes.seedlog import LoggedStep, SeedLog, SeedLogError, _write_atomic, no_op_report
@@ -113,8 +114,17 @@ def _run_meta(cfg: TrainConfig, layers: list[QuantLinear], base: dict, extra: di
     }
 
 
-def _comparable(meta: dict) -> dict:
-    return {k: v for k, v in meta.items() if k not in ("format", "version", "qes_version", "base", "base_codes_sha256")}
+#: the fitness path of runs logged before run.json recorded one: transformers' generate, one member at a time
+LEGACY_FITNESS = {"member_batch": 1, "prefix_cache": "row"}
+
+
+def _comparable(meta: dict, fitness_may_change: bool = False) -> dict:
+    skip = ("format", "version", "qes_version", "base", "base_codes_sha256")
+    skip += ("fitness",) if fitness_may_change else ()
+    out = {k: v for k, v in meta.items() if k not in skip}
+    if not fitness_may_change and "fitness" not in out and "max_new_tokens" in out:
+        out["fitness"] = LEGACY_FITNESS  # a finetune-stage log from before the fitness path was recorded
+    return out
 
 
 def _without_length(meta: dict) -> dict:
@@ -126,24 +136,27 @@ def _without_length(meta: dict) -> dict:
     return {**meta, "train": {k: v for k, v in train.items() if k != "iterations"}}
 
 
-def refuse_other_config(run_dir: Path, old: dict, new: dict) -> None:
+def refuse_other_config(run_dir: Path, old: dict, new: dict, fitness_may_change: bool = False) -> None:
     """Refuse to resume a run whose logged settings differ from the given ones, naming the first difference.
 
     The number of iterations may differ when the step size is constant: the run is then continued (or, if it
-    is already longer, left as it is).
+    is already longer, left as it is). The fitness path may differ when ``fitness_may_change``.
     """
-    old, new = _comparable(old), _comparable(json.loads(json.dumps(new)))
+    old = _comparable(old, fitness_may_change)
+    new = _comparable(json.loads(json.dumps(new)), fitness_may_change)
     if _without_length(old) == _without_length(new):
         return
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
+            hint = " (or set finetune.allow_fitness_change)" if key == "fitness" else ""
             raise SeedLogError(
                 f"{run_dir} holds a run with a different {key!r} (log: {old.get(key)!r}, config: "
-                f"{new.get(key)!r}); refusing to resume it. Choose another run name or remove the folder."
+                f"{new.get(key)!r}); refusing to resume it. Choose another run name or remove the folder{hint}."
             )
 
 
-def open_or_create(run_dir: Path, cfg: TrainConfig, layers: list[QuantLinear], base: dict, extra: dict) -> SeedLog:
+def open_or_create(run_dir: Path, cfg: TrainConfig, layers: list[QuantLinear], base: dict, extra: dict,
+                   fitness_may_change: bool = False) -> SeedLog:
     """Open the run's seed log if it exists (refusing a different base or config), else create it."""
     meta = _run_meta(cfg, layers, base, extra)
     if not (run_dir / "run.json").exists():
@@ -152,7 +165,7 @@ def open_or_create(run_dir: Path, cfg: TrainConfig, layers: list[QuantLinear], b
         return SeedLog.create(run_dir, meta)
     seedlog = SeedLog.open(run_dir)
     seedlog.verify_base(base)
-    refuse_other_config(run_dir, seedlog.meta, meta)
+    refuse_other_config(run_dir, seedlog.meta, meta, fitness_may_change)
     return seedlog
 
 
@@ -173,6 +186,47 @@ class Metrics:
         _write_atomic(self.path, lambda tmp: pq.write_table(table, tmp))
 
 
+@dataclass
+class _Scored:
+    rewards: dict[int, float] = field(default_factory=dict)
+    seconds_fitness: float = 0.0
+    seconds_perturb: float = 0.0
+    hits: int = 0
+
+
+def _score_members(engine: Engine, model, members: list[tuple[int, int]], mine: list[int], t: int,
+                   fitness: Callable[[int], float],
+                   group_fitness: Callable[[int, MemberGroup], list[float]] | None, member_batch: int) -> _Scored:
+    """Rewards of this rank's members (indices `mine` into `members`): one at a time on codes perturbed in
+    place, or in groups of `member_batch` (perturb and restore time is then part of the group's)."""
+    out = _Scored()
+    if member_batch == 1:
+        for index in mine:
+            a = time.perf_counter()
+            p = engine.perturb(*members[index])
+            b = time.perf_counter()
+            fault_point("fitness", t)
+            out.rewards[index] = float(fitness(t))
+            c = time.perf_counter()
+            engine.restore(p)
+            out.seconds_perturb += (b - a) + (time.perf_counter() - c)
+            out.seconds_fitness += c - b
+            out.hits += p.boundary_hits
+        return out
+    dtype = next(model.parameters()).dtype
+    for start in range(0, len(mine), member_batch):
+        indices = mine[start : start + member_batch]
+        group = MemberGroup(engine, [members[i] for i in indices], dtype)
+        a = time.perf_counter()
+        fault_point("fitness", t)
+        rewards = group_fitness(t, group)
+        out.seconds_fitness += time.perf_counter() - a - group.seconds
+        out.seconds_perturb += group.seconds
+        out.hits += group.boundary_hits
+        out.rewards.update(zip(indices, map(float, rewards), strict=True))
+    return out
+
+
 def train(
     model,
     layers: list[QuantLinear],
@@ -182,17 +236,24 @@ def train(
     extra_meta: dict | None = None,
     on_iteration: Callable[[dict], None] | None = None,
     ranks: Ranks | None = None,
+    group_fitness: Callable[[int, MemberGroup], list[float]] | None = None,
+    member_batch: int = 1,
+    fitness_may_change: bool = False,
 ) -> str:
     """Run (or resume) QES on `model` in place; returns the final codes_sha256.
 
-    `fitness(t)` scores the model as it currently is on iteration t's prompt batch. With several
-    `ranks`, each scores its share of the members and rank 0 alone writes the log and metrics.
+    `fitness(t)` scores the model as it currently is on iteration t's prompt batch. With `member_batch` > 1,
+    members are scored in groups of that size by `group_fitness(t, group)` instead (one reward per member of
+    the :class:`qes.members.MemberGroup`). With several `ranks`, each scores its share of the members and
+    rank 0 alone writes the log and metrics.
     """
+    if member_batch > 1 and group_fitness is None:
+        raise ValueError("member_batch > 1 needs a group_fitness")
     run_dir = Path(run_dir)
     ranks = ranks or Ranks()
     base = base_identity(model, codes_sha256(layers))
     if ranks.is_writer:
-        seedlog = open_or_create(run_dir, cfg, layers, base, extra_meta or {})
+        seedlog = open_or_create(run_dir, cfg, layers, base, extra_meta or {}, fitness_may_change)
         seedlog.clean_partial()
     ranks.barrier()
     if not ranks.is_writer:
@@ -221,18 +282,9 @@ def train(
         t0 = time.perf_counter()
         seeds = member_seeds(cfg.global_seed, t, pairs)
         members = [(s, sign) for s in seeds for sign in (1, -1)]
-        mine, t_fit, t_pert, hits = {}, 0.0, 0.0, 0
-        for index in ranks.members(len(members)):
-            a = time.perf_counter()
-            p = engine.perturb(*members[index])
-            b = time.perf_counter()
-            fault_point("fitness", t)
-            mine[index] = float(fitness(t))
-            c = time.perf_counter()
-            engine.restore(p)
-            t_pert += (b - a) + (time.perf_counter() - c)
-            t_fit += c - b
-            hits += p.boundary_hits
+        scored = _score_members(engine, model, members, ranks.members(len(members)), t, fitness, group_fitness,
+                                member_batch)
+        mine, t_fit, t_pert, hits = scored.rewards, scored.seconds_fitness, scored.seconds_perturb, scored.hits
         a = time.perf_counter()
         rewards = ranks.gather_rewards(mine, len(members))
         t_wait = time.perf_counter() - a
@@ -298,6 +350,9 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     batch_prompts: int = 16
     max_new_tokens: int = 48
+    member_batch: int | str = "auto"
+    prefix_cache: str = "member"
+    allow_fitness_change: bool = False
     device: str = "auto"
     backend: str = "auto"
     dtype: str = "auto"
@@ -311,6 +366,10 @@ class FinetuneConfig:
         problems = finetune_conflicts({**self.to_block(), "ranks": self.ranks})
         if problems:
             raise ConfigError("invalid finetune settings:\n  " + "\n  ".join(problems))
+
+    def fitness_path(self) -> dict:
+        """How members are scored, as run.json records it: a run keeps it unless allow_fitness_change."""
+        return {"member_batch": self.member_batch, "prefix_cache": self.prefix_cache}
 
     def to_block(self) -> dict:
         """The settings as the config's `finetune:` block (without the run name)."""
@@ -349,7 +408,27 @@ def _stage_meta(cfg: FinetuneConfig, quantized_dir: str | Path, train_parquet: s
         "task_data": str(train_parquet),
         "batch_prompts": cfg.batch_prompts,
         "max_new_tokens": cfg.max_new_tokens,
+        "fitness": cfg.fitness_path(),
     }
+
+
+#: members a CPU scores together under member_batch auto (the default model: see docs/BENCHMARKS.md)
+CPU_MEMBER_BATCH = 4
+
+
+def resolve_member_batch(cfg: FinetuneConfig, device: str, members_per_rank: int) -> int:
+    """Members per generation: the configured number, or under auto all of the rank's on CUDA and
+    CPU_MEMBER_BATCH on the CPU; 1 with prefix_cache row (transformers' generate scores one member)."""
+    if cfg.prefix_cache == "row":
+        if cfg.member_batch not in ("auto", 1):
+            raise ConfigError(f"finetune.member_batch: {cfg.member_batch} needs prefix_cache member (row scores "
+                              "one member at a time)")
+        return 1
+    if cfg.member_batch == "auto":
+        wanted = members_per_rank if device == "cuda" else CPU_MEMBER_BATCH
+    else:
+        wanted = int(cfg.member_batch)
+    return max(1, min(wanted, members_per_rank))
 
 
 def check_resumable(run_dir: str | Path, block: dict, quantized_dir: str | Path, train_parquet: str | Path) -> None:
@@ -370,7 +449,8 @@ def check_resumable(run_dir: str | Path, block: dict, quantized_dir: str | Path,
         "update": cfg.train.update.to_json(),
         **_stage_meta(cfg, quantized_dir, train_parquet),
     }
-    refuse_other_config(run_dir, {key: seedlog.meta.get(key) for key in expected}, expected)
+    logged = {key: seedlog.meta[key] for key in expected if key in seedlog.meta}
+    refuse_other_config(run_dir, logged, expected, cfg.allow_fitness_change)
 
 
 def finetune(
@@ -383,7 +463,7 @@ def finetune(
     """Run (or resume) QES on a quantized checkpoint with the task's training prompts."""
     from qes.codes import describe_compute, load_quantized, quantized_linears
     from qes.dist import close_ranks, init_ranks
-    from qes.fitness import GenerationConfig, load_batch, score
+    from qes.fitness import GenerationConfig, load_batch, score, score_group
 
     refuse_overlap(run_dir, {"model": quantized_dir, "train": train_parquet}, "--run-dir")
     device = resolve_device(cfg.device)
@@ -391,25 +471,36 @@ def finetune(
     model, tokenizer = load_quantized(quantized_dir, device=device, dtype=cfg.dtype, backend=cfg.backend)
     log.info("finetune on %s", json.dumps(describe_compute(model)))
     full = load_batch(tokenizer, train_parquet)
-    generation = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_prompts)
+    generation = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_prompts,
+                                  prefix_cache=cfg.prefix_cache)
+    member_batch = resolve_member_batch(cfg, device, len(ranks.members(cfg.train.population)))
     cache: dict[int, object] = {}
 
-    def fitness(t: int) -> float:
+    def prompts(t: int):
         if t not in cache:
             cache.clear()
             picks = prompt_indices(cfg.train.global_seed, t, len(full), cfg.batch_prompts)
             cache[t] = full.subset(picks)
-        return score(model, cache[t], generation).mean_reward
+        return cache[t]
 
+    def fitness(t: int) -> float:
+        return score(model, prompts(t), generation).mean_reward
+
+    def group_fitness(t: int, group) -> list[float]:
+        return [r.mean_reward for r in score_group(model, prompts(t), generation, group)]
+
+    log.info("fitness path: %s, %d member(s) per generation", json.dumps(cfg.fitness_path()), member_batch)
     started = time.perf_counter()
     extra = _stage_meta(cfg, quantized_dir, train_parquet)
     layers = quantized_linears(model)
     try:
-        final = train(model, layers, fitness, cfg.train, run_dir, extra, on_iteration, ranks)
+        final = train(model, layers, fitness, cfg.train, run_dir, extra, on_iteration, ranks,
+                      group_fitness=group_fitness, member_batch=member_batch,
+                      fitness_may_change=cfg.allow_fitness_change)
     finally:
         close_ranks(ranks)
     summary = _summary(run_dir, final, cfg, device, time.perf_counter() - started)
-    return {**summary, "compute": describe_compute(model)}
+    return {**summary, "compute": describe_compute(model), "member_batch": member_batch}
 
 
 def seconds_per_iteration(run_dir: str | Path) -> float | None:
