@@ -56,7 +56,7 @@ from qes.fitness import GenerationConfig, load_batch, score, score_group
 from qes.members import MemberGroup
 from qes.noise import NoiseSpec, member_seeds
 from qes.qlinear import cpu_runs_bf16_natively
-from qes.train import prompt_indices
+from qes.finetune import prompt_indices
 from qes.update import UpdateConfig
 
 def peak_mb():
@@ -96,7 +96,7 @@ _ITERATION_CHILD = r"""
 import json, statistics, sys, tempfile
 import pyarrow.parquet as pq
 from qes.qlinear import cpu_runs_bf16_natively
-from qes.train import finetune, finetune_config
+from qes.finetune import finetune, finetune_config
 block, model_dir, train = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 if block.get("dtype") == "before":
     block["dtype"] = "bfloat16" if cpu_runs_bf16_natively() else "auto"
@@ -121,10 +121,10 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--train", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of: " + ", ".join(PATHS))
+    parser.add_argument("--paths", default=";".join(PATHS), help="a ;-separated subset of: " + "; ".join(PATHS))
     parser.add_argument("--iterations", action="store_true", help="also time whole finetune iterations")
     args = parser.parse_args()
-    names = [n.strip() for n in args.paths.split(",")]
+    names = [n.strip() for n in args.paths.split(";")]
     results: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(args.rounds):
         order = names[r % len(names) :] + names[: r % len(names)]

@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from qes.hparams import TrainConfig
 from qes.noise import NoiseSpec, member_seeds
 from qes.seedlog import LoggedStep, SeedLog
-from qes.train import TrainConfig
 from qes.update import Step, alpha_fixed_point, quantize_coefficients
 
 

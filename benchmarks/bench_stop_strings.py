@@ -19,8 +19,8 @@ from dataclasses import replace
 import torch
 
 from qes.codes import describe_compute, load_quantized
+from qes.finetune import prompt_indices
 from qes.fitness import GenerationConfig, load_batch, score
-from qes.train import prompt_indices
 
 
 def main() -> None:

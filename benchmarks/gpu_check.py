@@ -82,8 +82,7 @@ from qes.fitness import GenerationConfig, PromptBatch, generate, generate_group
 from qes.members import MemberGroup
 from qes.noise import NoiseSpec, hash32, member_seeds
 from qes.qlinear import CodesOnlyBackend, GPTQLinear, compute_dtype, dequantize_weight
-from qes.train import shape_rewards
-from qes.update import Step, UpdateConfig, alpha_fixed_point, quantize_coefficients
+from qes.update import Step, UpdateConfig, alpha_fixed_point, quantize_coefficients, shape_rewards
 
 BITS = 4
 SIGMA = 0.01

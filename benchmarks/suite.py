@@ -122,7 +122,7 @@ from pathlib import Path
 import torch
 from qes.codes import load_quantized
 from qes.fitness import GenerationConfig, load_batch, score
-from qes.train import finetune, finetune_config
+from qes.finetune import finetune, finetune_config
 
 def reset_peak():  # Linux: "5" resets the high-water mark VmHWM to the current RSS
     Path("/proc/self/clear_refs").write_text("5")

@@ -161,7 +161,7 @@ def nvidia_gpu_listed():
 def resolved_device():
     """`finetune.device` with `auto` resolved once: cuda when this machine sees an NVIDIA GPU, else cpu.
 
-    finetune, evaluate and experiment_summary get this value (never `auto`), and it decides whether they
+    finetune, evaluate and experiment_point get this value (never `auto`), and it decides whether they
     ask for GPUs. A job's own Snakemake (cluster execution) takes the value its submitter resolved.
     """
     device = config["finetune"]["device"]
@@ -179,7 +179,7 @@ def resolved_device():
 
 
 def uses_gpu():
-    """Whether finetune, evaluate and experiment_summary run on a GPU."""
+    """Whether finetune, evaluate and experiment_point run on a GPU."""
     return resolved_device() == "cuda"
 
 
@@ -198,9 +198,11 @@ def finetune_resources():
     """Task, GPU and partition resources of the finetune job for the SLURM executor.
 
     srun ranks (ranks > 1, launcher srun) are one task each (`tasks` and `mpi`); torchrun ranks are
-    processes of a single task. On a GPU every rank gets one GPU (`gpu`): srun ranks as one task per GPU
-    (`tasks_per_gpu` 1, so --ntasks=N --ntasks-per-gpu=1 --gpus=N), torchrun's single task all N GPUs of
-    one node. A CPU job asks for no GPU and stays on the default partition.
+    processes of a single task. On a GPU the job asks for one GPU per rank (`gpu`: --gpus=N) and never for
+    --ntasks-per-gpu (`tasks_per_gpu` 0): next to the --cpus-per-task that every job gets, Slurm 23.11+ makes
+    the plugin's inner srun fail with "SLURM_TRES_PER_TASK is mutually exclusive with --ntasks-per-gpu".
+    Each rank takes the GPU local rank modulo the GPUs it sees (qes.dist), so it works whether or not the
+    cluster binds GPUs to tasks. A CPU job asks for no GPU and stays on the default partition.
     """
     ranks, launcher = config["finetune"]["ranks"], config["finetune"]["launcher"]
     srun = ranks > 1 and launcher == "srun"
@@ -208,7 +210,7 @@ def finetune_resources():
     if srun:
         resources["mpi"] = "srun"
     if uses_gpu():
-        resources.update(gpu=ranks, tasks_per_gpu=1 if srun or ranks == 1 else 0)
+        resources.update(gpu=ranks, tasks_per_gpu=0)
         if not srun and ranks > 1:
             resources["nodes"] = 1
         resources.update(_gpu_partition())
@@ -216,10 +218,10 @@ def finetune_resources():
 
 
 def evaluate_resources():
-    """Resources of evaluate and experiment_summary (one process): one GPU when finetune uses GPUs."""
+    """Resources of evaluate and experiment_point (one process): one GPU when finetune uses GPUs."""
     if not uses_gpu():
         return {"tasks": 1}
-    return {"tasks": 1, "gpu": 1, "tasks_per_gpu": 1, **_gpu_partition()}
+    return {"tasks": 1, "gpu": 1, "tasks_per_gpu": 0, **_gpu_partition()}
 
 
 def experiment_settings():
@@ -243,10 +245,11 @@ def experiment_runs(kind="runs"):
 
 
 def check_config_rules():
-    """Rules across keys (ranges, files, population vs shaping), checked before any job runs."""
+    """Rules across keys (ranges, files, population vs shaping, backend vs device), checked before any
+    job runs; the device is the resolved one (`auto` decided here)."""
     from qes.config import check_rules
 
-    check_rules(config)
+    check_rules(config, device=resolved_device())
 
 
 def resumable_run(run):
@@ -255,7 +258,7 @@ def resumable_run(run):
     Snakemake removes a job's old outputs before it runs; checking here keeps a finished run's summary and
     metrics when the new settings would be refused anyway.
     """
-    from qes.train import check_resumable
+    from qes.runrecord import check_resumable
 
     check_resumable(
         seed_log_dir(run), finetune_settings(run), run_model(run), task_data("train")

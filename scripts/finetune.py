@@ -4,8 +4,8 @@ import json
 
 import torch
 
+from qes.finetune import run_finetune
 from qes.logutil import log_to
-from qes.train import run_finetune
 
 with log_to(snakemake.log[0]) as log:
     torch.set_num_threads(snakemake.threads)

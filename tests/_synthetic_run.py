@@ -12,7 +12,8 @@ import torch
 
 from qes.codes import load_quantized, quantized_linears
 from qes.dist import close_ranks, init_ranks
-from qes.train import TrainConfig, train
+from qes.hparams import TrainConfig
+from qes.train import train
 from qes.update import UpdateConfig
 
 PROMPT = torch.tensor([[1, 5, 9, 12, 40, 77, 100, 3, 3]])

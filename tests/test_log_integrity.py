@@ -23,9 +23,10 @@ from _synthetic_run import fitness_of
 
 from qes.codes import load_quantized, quantized_linears
 from qes.fsutil import file_hashes
+from qes.hparams import TrainConfig
 from qes.replay import ReplayMismatch, replay_checkpoint
 from qes.seedlog import PREV_KEY, RECORD_KEY, STEP_SCHEMA, SeedLog, SeedLogError, record_sha256
-from qes.train import TrainConfig, train
+from qes.train import train
 from qes.update import UpdateConfig
 
 CFG = TrainConfig(

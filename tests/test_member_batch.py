@@ -15,12 +15,14 @@ import torch
 from qes.codes import codes_sha256, load_quantized, quantized_linears
 from qes.engine import Engine
 from qes.fitness import GenerationConfig, make_batch, score, score_group
+from qes.hparams import FinetuneConfig, TrainConfig, resolve_member_batch
 from qes.members import MemberGroup
 from qes.noise import NoiseSpec, member_seeds
 from qes.replay import engine_for_log, replay_steps
+from qes.runrecord import check_resumable
 from qes.seedlog import SeedLog, SeedLogError
 from qes.tasks.countdown import CountdownConfig, PromptStyle, build_prompt, generate_split
-from qes.train import FinetuneConfig, TrainConfig, check_resumable, resolve_member_batch, train
+from qes.train import train
 from qes.update import UpdateConfig
 
 PROMPTS = torch.tensor([[1, 5, 9, 12, 40, 77, 100, 3, 3], [1, 7, 8, 30, 31, 32, 33, 34, 35]])

@@ -227,9 +227,10 @@ def test_int4pack_under_each_instruction_set(tiny_gptq, capability: str) -> None
 
 def test_a_seed_log_replays_to_one_hash_under_every_backend(tiny_gptq, tmp_path: Path) -> None:
     """Train with int4pack, replay the log onto models loaded with each backend: replay touches integers only."""
+    from qes.hparams import TrainConfig
     from qes.replay import engine_for_log, replay_steps
     from qes.seedlog import SeedLog
-    from qes.train import TrainConfig, train
+    from qes.train import train
 
     model, _ = qc.load_quantized(tiny_gptq(4), backend="int4pack")
 
@@ -247,3 +248,15 @@ def test_a_seed_log_replays_to_one_hash_under_every_backend(tiny_gptq, tmp_path:
         engine = engine_for_log(replayed, seedlog)
         replay_steps(engine, seedlog)  # verifies the checkpoint hashes on the way
         assert engine.codes_sha256() == final == qc.codes_sha256(replayed)
+
+
+@pytest.mark.parametrize("backend", ["dense", "int4pack"])
+def test_forward_caches_are_buffers_that_move_with_the_model_but_are_never_saved(tiny_gptq, backend) -> None:
+    model, _ = qc.load_quantized(tiny_gptq(4), backend=backend)
+    caches = {"dense": ("dense_weight",), "int4pack": ("int4_packed", "int4_scales_zeros")}[backend]
+    buffers = dict(model.named_buffers())
+    names = [name for name in buffers if name.rsplit(".", 1)[-1] in caches]
+    assert len(names) == 14 * len(caches)
+    state = model.state_dict()
+    assert not any(name in state for name in names)  # derived from the codes: never written to a checkpoint
+    assert all(buffers[name].device.type == "cpu" for name in names)

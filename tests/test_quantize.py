@@ -191,6 +191,8 @@ def test_codes_do_not_depend_on_cpu_kernels_or_threads(tmp_path: Path) -> None:
     )
     assert first["caller"] == {"cpu_capability": "DEFAULT", "threads": 1}
     assert first["numerics"]["threads"] == 1
+    for report in (first, second):  # GPTQ never runs on a GPU, and the report says so
+        assert report["numerics"]["CUDA_VISIBLE_DEVICES"] == "" and report["numerics"]["cuda_devices_visible"] == 0
     if len(os.sched_getaffinity(0)) > 1:
         assert second["caller"]["threads"] == second["numerics"]["threads"] == 2
     for report, out in ((first, "q1"), (second, "q2")):
@@ -200,3 +202,14 @@ def test_codes_do_not_depend_on_cpu_kernels_or_threads(tmp_path: Path) -> None:
         assert json.loads((tmp_path / out / "config.json").read_text())["dtype"] == "bfloat16"
     assert first["num_codes"] == second["num_codes"] == 2 * (2 * 512 * 512 + 2 * 256 * 512 + 3 * 1024 * 512)
     assert first["codes_sha256"] == second["codes_sha256"]
+
+
+def test_gptq_child_sees_no_gpu_even_when_the_caller_does() -> None:
+    """The child's environment hides every GPU whatever the caller's says; a process started with it sees none."""
+    from qes.quantize import gptq_environment
+
+    env = gptq_environment({"CUDA_VISIBLE_DEVICES": "0,1", "PATH": os.environ.get("PATH", "")})
+    assert env["CUDA_VISIBLE_DEVICES"] == ""
+    seen = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert seen.returncode == 0 and seen.stdout.strip() == "0", seen.stderr[-2000:]

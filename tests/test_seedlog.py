@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from qes.codes import codes_sha256, load_quantized, quantized_linears
+from qes.hparams import TrainConfig
 from qes.replay import engine_for_log, replay_checkpoint, replay_steps
 from qes.seedlog import SeedLog, SeedLogError
-from qes.train import TrainConfig, shape_rewards, train
-from qes.update import UpdateConfig
+from qes.train import train
+from qes.update import UpdateConfig, shape_rewards
 
 PROMPT = torch.tensor([[1, 5, 9, 12, 40, 77, 100, 3, 3]])
 

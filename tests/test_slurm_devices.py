@@ -51,8 +51,9 @@ NVIDIA_SMI = {
 }
 
 CPU_JOB = {"-p": "cpu", "--ntasks": "1", "--cpus-per-task": "8"}
-GPU_JOB = {"-p": "gpu", "--ntasks-per-gpu": "1", "--gpus": "1", "--cpus-per-task": "8"}
-SRUN_2_GPUS = {"-p": "gpu", "--ntasks-per-gpu": "1", "--ntasks": "2", "--gpus": "2", "--cpus-per-task": "8"}
+# never --ntasks-per-gpu: beside --cpus-per-task it makes the jobstep's srun fail on Slurm 23.11+
+GPU_JOB = {"-p": "gpu", "--gpus": "1", "--cpus-per-task": "8"}
+SRUN_2_GPUS = {"-p": "gpu", "--ntasks": "2", "--gpus": "2", "--cpus-per-task": "8"}
 TORCHRUN_2_GPUS = {"-p": "gpu", "--nodes": "1", "--gpus": "2", "--cpus-per-task": "8"}
 # case: (finetune config, nvidia-smi stub or None, resolved device, finetune flags, evaluate flags)
 CASES = {

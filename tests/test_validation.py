@@ -16,8 +16,8 @@ from _workflow import copy_workflow, snakemake
 
 from qes.config import ConfigError, complete, schema
 from qes.evaluate import EvaluateConfig
+from qes.hparams import FinetuneConfig, TrainConfig, finetune_config
 from qes.quantize import QuantizeConfig
-from qes.train import FinetuneConfig, TrainConfig, finetune_config
 from qes.update import UpdateConfig
 
 
@@ -62,6 +62,20 @@ def test_library_constructors_validate(make, message: str) -> None:
     assert message in str(info.value)
 
 
+def test_backend_and_fitness_path_conflicts_are_refused_before_anything_runs() -> None:
+    from qes.config import check_rules
+
+    cuda = complete({"finetune": {"device": "cuda", "backend": "int4pack"}})
+    with pytest.raises(ConfigError, match="finetune.backend: int4pack runs on the CPU only"):
+        check_rules(cuda)
+    evaluate = complete({"evaluate": {"backend": "int4pack"}})
+    check_rules(evaluate, device="cpu")
+    with pytest.raises(ConfigError, match="evaluate.backend: int4pack runs on the CPU only"):
+        check_rules(evaluate, device="cuda")  # finetune.device auto, resolved to cuda while planning
+    with pytest.raises(ConfigError, match="finetune.member_batch: 4 needs prefix_cache member"):
+        FinetuneConfig(member_batch=4, prefix_cache="row")
+
+
 def test_centered_rank_can_update_with_two_members() -> None:
     assert TrainConfig(population=2, shaping="centered_rank").population == 2
 
@@ -81,6 +95,10 @@ def test_every_schema_key_reaches_the_library() -> None:
         ({"population": 2}, "finetune.population: 2 with shaping pair_zscore can never update"),
         ({"residual": {"windw": 3}},
          "finetune.residual: Additional properties are not allowed ('windw' was unexpected)"),
+        ({"alpha": float("nan")}, "finetune.alpha: nan is not of type 'number'"),
+        ({"sigma": float("nan")}, "finetune.sigma: nan is not of type 'number'"),
+        ({"alpha": float("inf")}, "finetune.alpha: inf is not of type 'number'"),
+        ({"population": 8.0}, "finetune.population: 8.0 is not of type 'integer'"),
     ],
 )
 def test_finetune_command_validates_its_config(tmp_path: Path, block, message: str) -> None:
@@ -93,6 +111,35 @@ def test_finetune_command_validates_its_config(tmp_path: Path, block, message: s
     assert result.returncode == 2
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "unknown"),
+    [("alpha: -1\n", "alpha"), ("fine_tune:\n  alpha: 0.1\n", "fine_tune"),
+     ("finetune:\n  alpha: 0.1\nevaluation: {}\n", "evaluation")],
+)
+def test_finetune_command_refuses_unknown_top_level_keys(tmp_path: Path, text: str, unknown: str) -> None:
+    """Settings outside a known section would be silently ignored: a misspelt section, a key without one."""
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "train.parquet").write_bytes(b"")
+    result = _qes("finetune", "--model", str(tmp_path / "model"), "--train", str(tmp_path / "train.parquet"),
+                  "--run-dir", str(tmp_path / "run"), "--config", str(config))
+    assert result.returncode == 2
+    assert f"unknown top-level key(s) {unknown}: settings go in one of the sections" in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_workflow_checks_refuse_floats_for_integers_and_non_finite_numbers() -> None:
+    from qes.config import check_rules
+
+    for change, message in (({"population": 8.0}, "finetune.population: 8.0 is not of type 'integer'"),
+                            ({"alpha": float("nan")}, "finetune.alpha: nan is not of type 'number'")):
+        config = complete({})
+        config["finetune"].update(change)  # as Snakemake's own validation lets it through
+        with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+            check_rules(config)
 
 
 @pytest.fixture(scope="module")

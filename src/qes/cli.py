@@ -257,7 +257,7 @@ def _add_finetune(parser: argparse.ArgumentParser) -> None:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     import os
 
-    from qes.train import run_finetune
+    from qes.finetune import run_finetune
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -329,7 +329,8 @@ COMMANDS: dict[str, Command] = {
     "fetch": ("fetch a float model (stage fetch_model)", _add_fetch, _cmd_fetch),
     "quantize": ("GPTQ-quantize a float model (stage quantize)", _add_quantize, _cmd_quantize),
     "codes-sha256": ("print the codes_sha256 identity of a GPTQ checkpoint", _add_codes_sha256, _cmd_codes_sha256),
-    "task-data": ("write train / held-out Countdown problems (stage make_task_data)", _add_task_data, _cmd_task_data),
+    "task-data": ("write the configured task's train and held-out rows (stage make_task_data)", _add_task_data,
+                  _cmd_task_data),
     "finetune": ("run or resume QES on a quantized checkpoint (stage finetune)", _add_finetune, _cmd_finetune),
     "replay": ("re-derive a tuned checkpoint from its base and seed log (stage replay)", _add_replay, _cmd_replay),
     "verify-log": ("check a seed log's hash chain and completeness, without a model", _add_verify_log,

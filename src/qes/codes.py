@@ -216,8 +216,8 @@ def codes_sha256(model_or_layers: torch.nn.Module | Iterable[QuantLinear]) -> st
     for layer in layers:
         digest.update(layer.name.encode() + b"\0")
         digest.update(struct.pack("<III", layer.out_features, layer.in_features, layer.bits))
-        codes = unpack_codes(layer.qweight.detach().to("cpu"), layer.bits)
-        digest.update(codes.numpy().tobytes())
+        codes = unpack_codes(layer.qweight.detach(), layer.bits)  # unpacked where the codes live
+        digest.update(codes.contiguous().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -484,6 +484,9 @@ def assemble_quantized(
                          f"{sorted(unexpected)[:3]}, missing from the checkpoint {sorted(unloaded)[:3]}")
     model.to(device)
     model.eval()
+    for module in model.modules():  # biases in the compute dtype: no cast per call
+        if isinstance(module, GPTQLinear) and module.bias is not None:
+            module.bias.data = module.bias.data.to(torch_dtype)
     kernel_dtype = int4pack_kernel_dtype(dtype, torch_dtype)
     backends = _choose_backends(model, backend, device, torch_dtype, kernel_dtype)
     model.qes_compute = _compute_record(device, torch_dtype, backends)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,22 @@ def _with_defaults(base: type) -> type:
     return jsonschema.validators.extend(base, {"properties": fill_then_check})
 
 
-_FILLING = _with_defaults(jsonschema.Draft202012Validator)
+def _strict_types(base: type) -> type:
+    """JSON Schema counts 8.0 as an integer and NaN or infinity as numbers; settings do not: an integer is
+    written as one, and a number is finite."""
+
+    def is_integer(_checker: Any, value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def is_number(_checker: Any, value: Any) -> bool:
+        return is_integer(_checker, value) or (isinstance(value, float) and math.isfinite(value))
+
+    checker = base.TYPE_CHECKER.redefine_many({"integer": is_integer, "number": is_number})
+    return jsonschema.validators.extend(base, type_checker=checker)
+
+
+_STRICT = _strict_types(jsonschema.Draft202012Validator)
+_FILLING = _with_defaults(_STRICT)
 
 
 def _subschema(path: Sequence[str]) -> dict:
@@ -94,6 +110,11 @@ def read_block(path: Path | None, section: str) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping with a {section}: block, found {type(data).__name__}")
+    sections = list(schema()["properties"])
+    unknown = [str(key) for key in data if key not in sections]
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown top-level key(s) {', '.join(unknown)}: settings go in one of "
+                          f"the sections {', '.join(sections)} (here: {section}:)")
     block = data.get(section)
     if block is None:
         return {}
@@ -111,6 +132,10 @@ def finetune_conflicts(block: dict, prefix: str = "finetune") -> list[str]:
     population, ranks = block["population"], block.get("ranks", 1)
     if ranks > population:
         problems.append(f"{prefix}.ranks: {ranks} ranks for a population of {population}; at most one rank per member")
+    member_batch = block.get("member_batch", "auto")
+    if block.get("prefix_cache") == "row" and member_batch not in ("auto", 1):
+        problems.append(f"{prefix}.member_batch: {member_batch} needs prefix_cache member (row scores one member "
+                        "at a time)")
     if block["shaping"] == "pair_zscore" and population < 4:
         problems.append(
             f"{prefix}.population: {population} with shaping pair_zscore can never update the codes (the z-score "
@@ -157,8 +182,26 @@ def _dataset_conflicts(task: dict, workdir: Path) -> list[str]:
     return problems
 
 
-def check_rules(config: dict, workdir: Path | None = None) -> None:
-    """Cross-key rules of a complete workflow config; raises one ConfigError listing every problem."""
+def device_conflicts(config: dict, device: str) -> list[str]:
+    """Backends the (resolved) device cannot run: int4pack is torch's CPU int4 matmul."""
+    return [
+        f"{section}.backend: int4pack runs on the CPU only, and finetune.device resolves to cuda here; use auto "
+        f"or dense"
+        for section in ("finetune", "evaluate")
+        if device == "cuda" and config[section]["backend"] == "int4pack"
+    ]
+
+
+def check_rules(config: dict, workdir: Path | None = None, device: str | None = None) -> None:
+    """Cross-key rules of a complete workflow config; raises one ConfigError listing every problem.
+    ``device``: what ``finetune.device`` resolved to (the config's own value when None).
+
+    Also the strict types (an integer is no float, numbers are finite), which the workflow's own schema
+    validation (Snakemake's) does not apply."""
+    errors = sorted(_STRICT(schema()).iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(_describe(error, ()) for error in errors[:8]))
     problems = task_conflicts(config["task"], workdir) + finetune_conflicts(config["finetune"])
+    problems += device_conflicts(config, device or config["finetune"]["device"])
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

@@ -103,7 +103,9 @@ def init_ranks(device: str) -> Ranks:
     import torch.distributed as dist
 
     if device.startswith("cuda"):
-        torch.cuda.set_device(local_rank)
+        # All of the node's GPUs are visible (torchrun, srun without binding) or one per task (srun with GPU
+        # binding, where every task's GPU is cuda:0): local rank modulo the visible GPUs is right either way.
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if device.startswith("cuda") else "gloo",

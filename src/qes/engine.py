@@ -16,16 +16,14 @@ Training and replay call the very same `apply`, which is what makes replay exact
 
 from __future__ import annotations
 
-import hashlib
 import os
-import struct
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
-from qes.codes import QuantLinear
+from qes.codes import QuantLinear, codes_sha256
 from qes.members import LayerDelta
 from qes.noise import BlockTable, NoiseSpec, table_noise
 from qes.store import Arena
@@ -134,13 +132,7 @@ class Engine:
 
     def codes_sha256(self) -> str:
         """The qes.codes.codes_sha256 of the current codes."""
-        digest = hashlib.sha256()
-        for chunk in self.chunks:  # chunks hold consecutive layers in name order
-            for j, layer in enumerate(chunk.arena.layers):
-                digest.update(layer.name.encode() + b"\0")
-                digest.update(struct.pack("<III", layer.out_features, layer.in_features, layer.bits))
-                digest.update(chunk.arena.layer_codes(j).contiguous().cpu().numpy().tobytes())
-        return digest.hexdigest()
+        return codes_sha256(self.layers)
 
     # --- perturb / restore -------------------------------------------------------------------------
 

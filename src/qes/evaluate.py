@@ -41,7 +41,7 @@ class EvaluateConfig:
 def load_for_evaluation(model_dir: str | Path, cfg: EvaluateConfig) -> tuple[Any, Any]:
     """The checkpoint loaded on the device, dtype and backend the evaluation settings ask for."""
     from qes.codes import load_quantized
-    from qes.train import resolve_device
+    from qes.finetune import resolve_device
 
     return load_quantized(model_dir, device=resolve_device(cfg.device), dtype=cfg.dtype, backend=cfg.backend)
 

@@ -68,8 +68,15 @@ def cpu_runs_bf16_natively() -> bool:
     return bool(hardware) and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
+def cuda_runs_bf16_natively(device: str | torch.device = "cuda") -> bool:
+    """Whether the GPU has bf16 arithmetic (Ampere and later); a T4 or V100 only emulates it."""
+    major, _ = torch.cuda.get_device_capability(torch.device(device))
+    return major >= 8
+
+
 def compute_dtype(requested: str | torch.dtype, device: str | torch.device) -> torch.dtype:
-    """The activation dtype: ``auto`` is bfloat16 on CUDA and float32 on the CPU.
+    """The activation dtype: ``auto`` is bfloat16 on CUDA (float16 on GPUs before Ampere, which emulate bf16)
+    and float32 on the CPU.
 
     On the CPU, greedy generation in bf16 changes with the batch layout (measured on the default model with
     native bf16: member-batched and member-by-member scoring agreed on 46-72% of rows against 100% in float32),
@@ -78,7 +85,9 @@ def compute_dtype(requested: str | torch.dtype, device: str | torch.device) -> t
     if isinstance(requested, torch.dtype):
         return requested
     if requested == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        if torch.device(device).type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if cuda_runs_bf16_natively(device) else torch.float16
     if requested not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {requested!r}")
     return getattr(torch, requested)
@@ -236,10 +245,10 @@ class GPTQLinear(torch.nn.Module):
         self.sync_cache()
         rows = x.reshape(-1, self.in_features)
         out = self.backend.forward(self, rows)
-        if self.members is not None:
-            out = self.members.add_to(out, rows)
+        if self.members is not None:  # the correction sees the input as rounded for the base product
+            out = self.members.add_to(out, rows.to(self.backend.input_dtype or rows.dtype))
         if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
+            out = out + self.bias  # held in the compute dtype (qes.codes.assemble_quantized)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -247,9 +256,13 @@ class GPTQLinear(torch.nn.Module):
 
 
 class Backend:
-    """A forward representation of GPTQ codes: built once by ``prepare``, kept in step by ``arena``."""
+    """A forward representation of GPTQ codes: built once by ``prepare``, kept in step by ``arena``.
+
+    ``input_dtype``: the dtype the product rounds its input to (a member's sparse correction sees the same).
+    """
 
     name = ""
+    input_dtype: torch.dtype | None = None
 
     def prepare(self, module: GPTQLinear) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -298,10 +311,10 @@ class DenseBackend(Backend):
     name = "dense"
 
     def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
+        self.dtype = self.input_dtype = dtype
 
     def prepare(self, module: GPTQLinear) -> None:
-        module.dense_weight = dequantize_weight(module, self.dtype)
+        module.register_buffer("dense_weight", dequantize_weight(module, self.dtype), persistent=False)
 
     def rebuild(self, module: GPTQLinear) -> None:
         module.dense_weight.copy_(dequantize_weight(module, self.dtype))
@@ -407,7 +420,7 @@ class Int4PackBackend(Backend):
     name = "int4pack"
 
     def __init__(self, kernel_dtype: torch.dtype):
-        self.kernel_dtype = kernel_dtype
+        self.kernel_dtype = self.input_dtype = kernel_dtype
 
     def prepare(self, module: GPTQLinear) -> None:
         if module.bits != 4 or module.qweight.device.type != "cpu":
@@ -416,7 +429,9 @@ class Int4PackBackend(Backend):
             raise ValueError(f"int4pack needs a group size of 32, 64, 128 or 256 dividing in_features, "
                              f"got {module.group_size} for in_features {module.in_features}")
         int4pack_layout(module.out_features, module.in_features)  # raises where the layout is not exact
-        module.int4_packed, module.int4_scales_zeros = self._pack(module)
+        packed, scales_zeros = self._pack(module)
+        module.register_buffer("int4_packed", packed, persistent=False)
+        module.register_buffer("int4_scales_zeros", scales_zeros, persistent=False)
 
     def rebuild(self, module: GPTQLinear) -> None:
         packed, scales_zeros = self._pack(module)

@@ -64,7 +64,11 @@ COMPUTE_DTYPE = torch.float32
 #: only; elsewhere it picks its own kernels, so codes computed on an Intel and on an AMD CPU may differ
 #: (``MKL_CBWR=COMPATIBLE``, MKL's vendor-independent branch, would close that gap at about 2.7 times
 #: the GPTQ time). The Hessian factorization runs on one thread (:func:`_instrumented_gptq`).
+#: The child never sees a GPU (``CUDA_VISIBLE_DEVICES`` empty): GPTQModel would quantize on it and give codes
+#: that depend on the GPU (a seed log from such a base replays nowhere else), and would try to build CUDA
+#: kernels, for which the environments bring no compiler.
 GPTQ_NUMERICS_ENV: dict[str, str] = {
+    "CUDA_VISIBLE_DEVICES": "",
     "ATEN_CPU_CAPABILITY": "avx2",
     "MKL_CBWR": "AVX2,STRICT",
     "MKL_DYNAMIC": "FALSE",
@@ -488,6 +492,7 @@ def _gptq_pass(
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "hessian_factorization_threads": 1,
+        "cuda_devices_visible": torch.cuda.device_count(),
         **{key: os.environ.get(key, "") for key in GPTQ_NUMERICS_ENV},
     }
     return {

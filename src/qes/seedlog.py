@@ -118,7 +118,7 @@ def read_json(path: Path, what: str) -> dict:
     return data
 
 
-def _write_atomic(path: Path, write, fault: tuple[str, int] | None = None) -> None:
+def write_atomic(path: Path, write, fault: tuple[str, int] | None = None) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
     write(tmp)
     fd = os.open(tmp, os.O_RDONLY)
@@ -137,7 +137,7 @@ def _write_atomic(path: Path, write, fault: tuple[str, int] | None = None) -> No
 
 
 def _write_json(path: Path, data: dict) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
 def _write_step(path: Path, table: pa.Table, metadata: dict[bytes, bytes]) -> None:
@@ -208,7 +208,7 @@ class SeedLog:
         target = self.path / "steps" / f"it-{step.iteration:08d}.parquet"
         if target.exists():
             raise SeedLogError(f"{target} exists; a logged iteration is never rewritten")
-        _write_atomic(target, lambda tmp: _write_step(tmp, table, metadata), fault=("append", step.iteration))
+        write_atomic(target, lambda tmp: _write_step(tmp, table, metadata), fault=("append", step.iteration))
         rewards = tuple(table.column("reward").to_pylist())
         self.records.append(LoggedStep(step, rewards, logged.checkpoint, record))
 

@@ -16,12 +16,9 @@ out exact.
 
 from __future__ import annotations
 
-import hashlib
-import struct
-
 import torch
 
-from qes.codes import QuantLinear, unpack_codes
+from qes.codes import QuantLinear
 
 
 class Arena:
@@ -88,18 +85,3 @@ class Arena:
         self.cache.update(layer, o, i, local, delta, codes)
         for module in self.modules:  # views of one flat tensor share its version counter
             module.mark_cache_current()
-
-    def layer_codes(self, j: int) -> torch.Tensor:
-        """Q[out, in] of the arena's j-th layer as uint8."""
-        return unpack_codes(self.layers[j].module.qweight, self.bits)
-
-
-def digest_codes(named_codes) -> str:
-    """sha256 over (name, Q) pairs in name order; the same digest as qes.codes.codes_sha256."""
-    digest = hashlib.sha256()
-    for name, bits, codes in sorted(named_codes, key=lambda x: x[0]):
-        out_f, in_f = codes.shape
-        digest.update(name.encode() + b"\0")
-        digest.update(struct.pack("<III", out_f, in_f, bits))
-        digest.update(codes.to(torch.uint8).contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()

@@ -166,3 +166,33 @@ def check_range(max_abs_coef_sum: int, max_noise: int, alpha_fp: int) -> None:
             f"fixed-point overflow: sum|C| = {max_abs_coef_sum}, max |delta| = {max_noise}, "
             f"A_t = {alpha_fp}; lower alpha / sigma or the population"
         )
+
+
+def shape_rewards(rewards: list[float], shaping: str, clip: float) -> list[float]:
+    """Per-member float coefficients from rewards ordered (+s0, -s0, +s1, -s1, ...).
+
+    pair_zscore: z-score of the pair differences r(+s) - r(-s), split as +z/2 and -z/2 so that the
+    seed's combined coefficient is z; centered_rank: ranks of all rewards mapped to [-0.5, 0.5].
+    Both are clipped to +-clip. Identical rewards give zero coefficients (no update).
+    """
+    if shaping == "pair_zscore":
+        diffs = [rewards[i] - rewards[i + 1] for i in range(0, len(rewards), 2)]
+        mean = sum(diffs) / len(diffs)
+        std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / len(diffs))
+        out = []
+        for d in diffs:
+            z = 0.0 if std < 1e-12 else max(-clip, min(clip, (d - mean) / std))
+            out += [z / 2, -z / 2]
+        return out
+    order = sorted(range(len(rewards)), key=lambda i: (rewards[i], i))
+    ranks = [0.0] * len(rewards)
+    i = 0
+    while i < len(order):  # ties share their mean rank
+        j = i
+        while j + 1 < len(order) and rewards[order[j + 1]] == rewards[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    n = len(rewards)
+    return [max(-clip, min(clip, r / (n - 1) - 0.5)) for r in ranks]
