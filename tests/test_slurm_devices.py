@@ -195,7 +195,7 @@ def test_jobs_receive_the_resolved_device_backend_and_dtype(
     result = _snakemake(
         workdir, env, *TARGETS, "--cores", "1", "--mode", mode, "--allowed-rules", "finetune", "evaluate",
         "--rerun-triggers", "mtime", "--config", "finetune={device: auto, backend: dense, dtype: float32}",
-        "evaluate={backend: int4pack, dtype: bfloat16}",
+        "evaluate={backend: dense, dtype: bfloat16}",  # int4pack would be refused where the device is cuda
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     finetune = json.loads((workdir / "finetune-a.json").read_text())
@@ -205,6 +205,6 @@ def test_jobs_receive_the_resolved_device_backend_and_dtype(
     assert finetune["params"]["finetune"]["run"] == "a"
     assert evaluate["params"]["device"] == device
     assert evaluate["params"]["evaluate"] == {"max_new_tokens": 64, "batch_size": 32, "limit": None,
-                                              "backend": "int4pack", "dtype": "bfloat16"}
+                                              "backend": "dense", "dtype": "bfloat16"}
     gpus = 1 if device == "cuda" else None
     assert finetune["resources"].get("gpu") == gpus and evaluate["resources"].get("gpu") == gpus

@@ -99,22 +99,29 @@ MAX_REWARD_DIFFERENCE = 0.02
 MIN_NEXT_TOKEN_AGREEMENT = 0.97
 
 
-def test_backends_agree_on_heldout_prompts(workflow_run: Path) -> None:
-    import torch
-
-    from qes import codes as qc
-    from qes.fitness import GenerationConfig, make_batch, score
+def _heldout_batch(tokenizer):
+    """The first BACKEND_PROMPTS held-out Countdown problems of the default task, prompted for the model."""
+    from qes.fitness import make_batch
     from qes.tasks.countdown import CountdownConfig, TaskSettings, build_prompt, generate_split
 
     settings = TaskSettings()
     split = CountdownConfig(**{**settings.generator.__dict__, "train_size": 0, "eval_size": BACKEND_PROMPTS})
     problems = generate_split(split, "eval")
+    prompts = [build_prompt(tokenizer, p, settings.prompt) for p in problems]
+    return make_batch(tokenizer, problems, prompts, settings.prompt.assistant_prefix)
+
+
+def test_backends_agree_on_heldout_prompts(workflow_run: Path) -> None:
+    import torch
+
+    from qes import codes as qc
+    from qes.fitness import GenerationConfig, score
+
     results, next_tokens = {}, {}
     for backend, dtype in (("dense", "float32"), ("int4pack", "auto")):
         model, tokenizer = qc.load_quantized(workflow_run / QUANTIZED, dtype=dtype, backend=backend)
         assert qc.describe_compute(model)["backends"] == {backend: 210}
-        prompts = [build_prompt(tokenizer, p, settings.prompt) for p in problems]
-        batch = make_batch(tokenizer, problems, prompts, settings.prompt.assistant_prefix)
+        batch = _heldout_batch(tokenizer)
         results[backend] = score(model, batch, GenerationConfig(max_new_tokens=48, batch_size=32))
         if backend == "dense":  # a stop string the model writes mid-response: its rows end right there
             early = score(model, batch.subset(range(16)), GenerationConfig(48, 16, stop_strings=("<answer>",)))
@@ -141,11 +148,11 @@ def test_backends_agree_on_heldout_prompts(workflow_run: Path) -> None:
 
 
 # Member-batched scoring (P = 4: decode steps of all members together, base product plus sparse corrections)
-# against member-by-member scoring (codes perturbed in place) of the same members, on the 64 prompts above with
-# the default backend and dtype. Measured on an AVX-512 CPU in float32 dense: 256/256 identical completions;
-# with int4pack (bf16 int4 matmuls), whose rounding greedy decoding amplifies: 55/64 on 16 training prompts.
+# against member-by-member scoring (codes perturbed in place) of the same members, on the 64 prompts above, in
+# float32 (dense). Measured on an AVX-512 CPU: every row identical. With int4pack's bf16 int4 matmuls the two
+# round differently and greedy decoding carries that on: 216/256 rows (84%), about what two member-by-member
+# batch layouts agree on in bf16; docs/BENCHMARKS.md has the figures.
 MIN_SAME_FLOAT32 = 0.95
-MIN_SAME_BF16_MATMULS = 0.85
 
 
 def test_member_batched_fitness_agrees_with_member_by_member(workflow_run: Path) -> None:
@@ -153,18 +160,13 @@ def test_member_batched_fitness_agrees_with_member_by_member(workflow_run: Path)
 
     from qes import codes as qc
     from qes.engine import Engine
-    from qes.fitness import GenerationConfig, make_batch, score, score_group
+    from qes.fitness import GenerationConfig, score, score_group
     from qes.members import MemberGroup
     from qes.noise import NoiseSpec, member_seeds
-    from qes.tasks.countdown import CountdownConfig, TaskSettings, build_prompt, generate_split
     from qes.update import UpdateConfig
 
-    settings = TaskSettings()
-    split = CountdownConfig(**{**settings.generator.__dict__, "train_size": 0, "eval_size": BACKEND_PROMPTS})
-    problems = generate_split(split, "eval")
-    model, tokenizer = qc.load_quantized(workflow_run / QUANTIZED)  # the defaults: auto backend and dtype
-    batch = make_batch(tokenizer, problems, [build_prompt(tokenizer, p, settings.prompt) for p in problems],
-                       settings.prompt.assistant_prefix)
+    model, tokenizer = qc.load_quantized(workflow_run / QUANTIZED, backend="dense", dtype="float32")
+    batch = _heldout_batch(tokenizer)
     engine = Engine(qc.quantized_linears(model), NoiseSpec.from_sigma(0.01), UpdateConfig())
     members = [(s, sign) for s in member_seeds(0, 0, 2) for sign in (1, -1)]
     cfg = GenerationConfig(max_new_tokens=48, batch_size=BACKEND_PROMPTS)
@@ -174,11 +176,8 @@ def test_member_batched_fitness_agrees_with_member_by_member(workflow_run: Path)
         alone.append(score(model, batch, cfg))
         engine.restore(p)
     together = score_group(model, batch, cfg, MemberGroup(engine, members, torch.float32))
-    compute = qc.describe_compute(model)
-    exact = compute["backends"] == {"dense": 210} and compute["dtype"] == "float32"
     same = sum(a == b for x, y in zip(alone, together) for a, b in zip(x.responses, y.responses))
-    wanted = MIN_SAME_FLOAT32 if exact else MIN_SAME_BF16_MATMULS
-    assert same >= wanted * len(members) * BACKEND_PROMPTS, (same, compute)
+    assert same >= MIN_SAME_FLOAT32 * len(members) * BACKEND_PROMPTS, same
     for x, y in zip(alone, together):
         assert abs(x.mean_reward - y.mean_reward) <= MAX_REWARD_DIFFERENCE, (x.mean_reward, y.mean_reward)
 

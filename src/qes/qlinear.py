@@ -69,7 +69,10 @@ def cpu_runs_bf16_natively() -> bool:
 
 
 def cuda_runs_bf16_natively(device: str | torch.device = "cuda") -> bool:
-    """Whether the GPU has bf16 arithmetic (Ampere and later); a T4 or V100 only emulates it."""
+    """Whether the GPU has bf16 arithmetic (Ampere and later); a T4 or V100 only emulates it. True where torch
+    sees no GPU (nothing runs there; the answer only names the dtype a CUDA run would use)."""
+    if not torch.cuda.is_available():
+        return True
     major, _ = torch.cuda.get_device_capability(torch.device(device))
     return major >= 8
 
