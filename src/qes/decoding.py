@@ -206,7 +206,7 @@ def _model_parts(model: torch.nn.Module) -> tuple[Any, Any]:
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
         raise ValueError(f"{type(model).__name__}: the member-batched decoder runs decoder-only models with "
-                         "model.layers and a rotary embedding (llama, qwen2, ...); use prefix_cache: per_row")
+                         "model.layers and a rotary embedding (llama, qwen2, ...); use prefix_cache: row")
     return inner, model.lm_head
 
 
