@@ -15,7 +15,7 @@ dtype -- the stage itself always uses float32; the other dtypes are there to com
 * ``rel. logit err`` / ``next-token agree`` -- ``quality`` of ``quant_report.json``;
 * ``codes`` -- the first 12 hex digits of ``codes_sha256``.
 
-bf16 runs under the same pinned kernel settings as float32 (:data:`qes.quantize.GPTQ_NUMERICS_ENV`), so on a
+bf16 runs under the same pinned kernel settings as float32 (:data:`qes.quantize.gptq.GPTQ_NUMERICS_ENV`), so on a
 CPU with native bf16 its time here is not what an unpinned bf16 run would take.
 """
 

@@ -106,14 +106,9 @@ def report_file(name):
 
 def task_inputs():
     """Local files the task stage reads (problem files, dataset files, a user reward's file): an edit reruns it."""
-    task = config["task"]
-    files = [task["train_file"], task["eval_file"]]
-    if task["name"] == "dataset":
-        files += [task["dataset"]["train"], task["dataset"]["eval"]]
-        reward = task["reward"] or ""
-        if ".py:" in reward:
-            files.append(reward.rpartition(":")[0])
-    return [f for f in files if f and not f.startswith("hf:")]
+    import qes.tasks
+
+    return qes.tasks.task_inputs(config["task"])
 
 
 def task_data(split):
@@ -142,6 +137,7 @@ def seed_log_dir(run):
 # Snakemake of each cluster job (the SLURM executor submits with --export=ALL), so a job never resolves
 # `auto` again on a node that may see other hardware than the machine that planned it.
 RESOLVED_DEVICE_VARIABLE = "QES_RESOLVED_DEVICE"
+RESOLVED_CUDA_BUILD_VARIABLE = "QES_RESOLVED_CUDA_BUILD"
 _resolved = {}
 
 
@@ -183,9 +179,34 @@ def uses_gpu():
     return resolved_device() == "cuda"
 
 
+def cuda_build():
+    """`conda.cuda_build` with `auto` resolved once, by envs/torch-build.sh: cu126 when nvidia-smi here reports
+    a driver older than 580, else cu13 (also where no GPU is listed, e.g. on a login node). Cluster jobs take
+    the value their submitter resolved, as they do for the device.
+    """
+    build = config["conda"]["cuda_build"]
+    if build != "auto":
+        return build
+    if "cuda_build" not in _resolved:
+        inherited = os.environ.get(RESOLVED_CUDA_BUILD_VARIABLE)
+        spawned = workflow.remote_exec or workflow.subprocess_exec
+        if spawned and inherited in ("cu13", "cu126"):
+            _resolved["cuda_build"] = inherited  # a job uses the environment its submitter planned
+        else:
+            script = os.path.join(workflow.basedir, "envs", "torch-build.sh")
+            found = subprocess.run(["sh", script], capture_output=True, text=True)
+            _resolved["cuda_build"] = "cu126" if found.stdout.strip() == "cu126" else "cu13"
+        os.environ[RESOLVED_CUDA_BUILD_VARIABLE] = _resolved["cuda_build"]
+    return _resolved["cuda_build"]
+
+
 def conda_env():
-    """Conda environment of every job under --use-conda: the CUDA build of torch when the jobs use a GPU."""
-    return "../envs/qes-cuda.yaml" if uses_gpu() else "../envs/qes-cpu.yaml"
+    """Conda environment of every job under --use-conda: a CUDA build of torch when the jobs use a GPU."""
+    if not uses_gpu():
+        return "../envs/qes-cpu.yaml"
+    return (
+        "../envs/qes-cu126.yaml" if cuda_build() == "cu126" else "../envs/qes-cuda.yaml"
+    )
 
 
 def _gpu_partition():

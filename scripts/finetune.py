@@ -1,10 +1,12 @@
 """Rule finetune: run (or resume) QES on the quantized model; the seed log is the run's only state."""
 
 import json
+from pathlib import Path
 
 import torch
 
 from qes.finetune import run_finetune
+from qes.fsutil import write_file_atomic
 from qes.logutil import log_to
 
 with log_to(snakemake.log[0]) as log:
@@ -18,9 +20,7 @@ with log_to(snakemake.log[0]) as log:
         block,
         threads=snakemake.threads,
     )
-    metrics = f"{snakemake.params.seed_log}/metrics.parquet"
-    with open(metrics, "rb") as src, open(snakemake.output.metrics, "wb") as dst:
-        dst.write(src.read())
-    with open(snakemake.output.summary, "w") as handle:
-        json.dump(summary, handle, indent=2)
+    metrics = Path(snakemake.params.seed_log) / "metrics.parquet"
+    write_file_atomic(snakemake.output.metrics, metrics.read_bytes())
+    write_file_atomic(snakemake.output.summary, json.dumps(summary, indent=2))
     log.info("finished: %s", json.dumps(summary))

@@ -260,3 +260,17 @@ def test_forward_caches_are_buffers_that_move_with_the_model_but_are_never_saved
     state = model.state_dict()
     assert not any(name in state for name in names)  # derived from the codes: never written to a checkpoint
     assert all(buffers[name].device.type == "cpu" for name in names)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a CUDA device here")
+@pytest.mark.parametrize(("build", "expected"), [(None, "is the CPU build"), ("12.6", "is built for CUDA 12.6")])
+def test_cuda_refused_naming_the_torch_build_and_driver(monkeypatch: pytest.MonkeyPatch, build: str | None,
+                                                         expected: str) -> None:
+    from qes.finetune import resolve_device
+
+    monkeypatch.setattr(torch.version, "cuda", build)
+    with pytest.raises(RuntimeError, match="device 'cuda' was asked for but torch sees no CUDA device") as error:
+        resolve_device("cuda")
+    assert expected in str(error.value)
+    assert "QES_TORCH=cu126" in str(error.value)
+    assert resolve_device("auto") == "cpu"

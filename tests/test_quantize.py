@@ -11,14 +11,9 @@ from pathlib import Path
 import pytest
 
 from qes import codes as qc
-from qes.quantize import (
-    QuantizeConfig,
-    builtin_calibration_prompts,
-    builtin_heldout_prompts,
-    check_group_size,
-    linear_in_features,
-    quantize_model,
-)
+from qes.quantize import QuantizeConfig, quantize_model
+from qes.quantize.calibration import builtin_calibration_prompts, builtin_heldout_prompts
+from qes.quantize.preflight import check_group_size, linear_in_features
 
 
 def _smollm2_like_config(folder: Path) -> Path:
@@ -97,6 +92,16 @@ def test_calibration_prompts_are_deterministic_and_disjoint_from_heldout() -> No
     heldout = builtin_heldout_prompts(64)
     assert not {m[0]["content"] for m in heldout} & {m[0]["content"] for m in builtin_calibration_prompts(2048)}
     assert any("lighthouse" in m[0]["content"] for m in heldout)
+
+
+def test_default_calibration_prompts_are_pinned() -> None:
+    """The calibration prompts fix the codes of every quantized base, and with them every seed log on one."""
+    import hashlib
+
+    first = builtin_calibration_prompts(128)
+    assert first[0][0]["content"].startswith("Using the numbers [25, 46, 16], create an equation that equals 336.")
+    digest = hashlib.sha256(json.dumps(first).encode()).hexdigest()
+    assert digest == "3b0ee0555cb033e5913ad14579895cea259edeaaa310228b1a4448ebd6a893de"
 
 
 def test_report_of_tiny_quantization(tiny_gptq_dir: Path) -> None:
@@ -206,7 +211,7 @@ def test_codes_do_not_depend_on_cpu_kernels_or_threads(tmp_path: Path) -> None:
 
 def test_gptq_child_sees_no_gpu_even_when_the_caller_does() -> None:
     """The child's environment hides every GPU whatever the caller's says; a process started with it sees none."""
-    from qes.quantize import gptq_environment
+    from qes.quantize.gptq import gptq_environment
 
     env = gptq_environment({"CUDA_VISIBLE_DEVICES": "0,1", "PATH": os.environ.get("PATH", "")})
     assert env["CUDA_VISIBLE_DEVICES"] == ""

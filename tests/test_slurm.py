@@ -5,6 +5,11 @@ The module installs the daemons where they are missing (root and apt-get needed)
 runs a tiny configuration with the SLURM executor and the project's cluster profile, checks the
 results against a local run of the same configuration, and stops what it started. The finetune job
 uses 2 ranks started by srun inside its allocation. Without root or apt-get it skips and says why.
+
+The node also declares fake GPUs (GPUS of them, in /etc/slurm/gres.conf over links to /dev/null: Slurm wants
+character devices, and binds them to jobs and steps through CUDA_VISIBLE_DEVICES like real ones) and a
+second partition `gpu`, so the workflow's GPU jobs run through the executor plugin with the sbatch options
+they get on a real cluster, the plugin's inner `srun --cpus-per-task=... --gpus=...` included.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -20,11 +26,13 @@ import time
 from pathlib import Path
 
 import pytest
-from _workflow import copy_workflow, failure_report, snakemake
+from _workflow import GPU_JOB_TARGETS, copy_workflow, failure_report, placeholder_inputs, snakemake
 
 pytestmark = pytest.mark.slow
 
 SLURM_CONF = Path("/etc/slurm/slurm.conf")
+GRES_CONF = SLURM_CONF.with_name("gres.conf")
+GPUS = 2
 MARKER = "# single-node test cluster written by the qes test suite"
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 RUN = "slurm"
@@ -76,6 +84,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
+GresTypes=gpu
 MinJobAge=600
 ReturnToService=2
 StateSaveLocation={state}/ctld
@@ -84,9 +93,18 @@ SlurmctldPidFile={state}/slurmctld.pid
 SlurmdPidFile={state}/slurmd.pid
 SlurmctldLogFile={state}/slurmctld.log
 SlurmdLogFile={state}/slurmd.log
-NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={_memory_mb()} State=UNKNOWN
+NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={_memory_mb()} Gres=gpu:{GPUS} State=UNKNOWN
 PartitionName=main Nodes={host} Default=YES MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes={host} MaxTime=INFINITE State=UP
 """
+
+
+def _gres_config(state: Path) -> str:
+    devices = state / "dev"
+    devices.mkdir()
+    for index in range(GPUS):
+        (devices / f"nvidia{index}").symlink_to("/dev/null")
+    return f"{MARKER}\nName=gpu File={devices}/nvidia[0-{GPUS - 1}]\n"
 
 
 def _kill_pidfile(path: Path) -> None:
@@ -99,8 +117,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     reason = _install()
     if reason:
         pytest.skip(reason)
-    if SLURM_CONF.exists() and MARKER not in SLURM_CONF.read_text():
-        pytest.skip(f"{SLURM_CONF} belongs to another cluster; not overwriting it")
+    for conf in (SLURM_CONF, GRES_CONF):
+        if conf.exists() and MARKER not in conf.read_text():
+            pytest.skip(f"{conf} belongs to another cluster; not overwriting it")
     if subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True).returncode == 0:
         pytest.skip("a slurmctld is already running on this machine")
     state = tmp_path_factory.mktemp("slurm-state")
@@ -108,6 +127,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         (state / sub).mkdir()
     SLURM_CONF.parent.mkdir(parents=True, exist_ok=True)
     SLURM_CONF.write_text(_config(state))
+    GRES_CONF.write_text(_gres_config(state))
     started_munge = None
     if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0:
         Path("/run/munge").mkdir(parents=True, exist_ok=True)
@@ -133,6 +153,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         yield state
     finally:
         SLURM_CONF.unlink(missing_ok=True)
+        GRES_CONF.unlink(missing_ok=True)
         _kill_pidfile(state / "slurmd.pid")
         _kill_pidfile(state / "slurmctld.pid")
         for pid in started_munge or []:
@@ -191,3 +212,59 @@ def test_workflow_on_slurm_equals_local_run(cluster: Path, tiny_float_dir: Path,
     summary = json.loads((remote / f"results/finetune/{RUN}/summary.json").read_text())
     assert summary["ranks"] == 2
     assert "srun" in (remote / f"logs/finetune/{RUN}.log").read_text()
+
+
+# Stand-in for the scripts of finetune and evaluate: it runs inside the plugin's srun step and records what
+# that step sees, and the job as slurmctld has it while it runs (a finished job no longer lists its GPU).
+STEP_RECORDER = """import json, os, subprocess
+from pathlib import Path
+
+names = ("SLURM_STEP_ID", "SLURM_JOB_PARTITION", "CUDA_VISIBLE_DEVICES", "SLURM_STEP_GPUS")
+job = subprocess.run(["scontrol", "-o", "-d", "show", "job", os.environ["SLURM_JOB_ID"]], capture_output=True,
+                     text=True).stdout
+record = {"resources": dict(snakemake.resources.items()), "env": {name: os.environ.get(name) for name in names},
+          "job": job}
+Path(f"step-{snakemake.rule}.json").write_text(json.dumps(record, default=str))
+for out in snakemake.output:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir() if not path.suffix else path.touch()
+"""
+
+
+def test_gpu_jobs_run_their_srun_step_on_a_bound_gpu(cluster: Path, tmp_path: Path) -> None:
+    """finetune (1 rank) and evaluate on `device: cuda`, with the resources rules/common.smk gives them.
+
+    The failure that `tasks_per_gpu: 0` avoids (--ntasks-per-gpu beside --cpus-per-task) needs Slurm 23.11 or
+    later; older ones (Debian 12 ships 22.05) run that step too, so here the test checks that the job asked
+    for no tasks per GPU rather than that asking for them fails.
+    """
+    workdir = copy_workflow(tmp_path / "workflow")
+    placeholder_inputs(workdir)
+    for script in ("finetune.py", "evaluate.py"):
+        (workdir / "scripts" / script).write_text(STEP_RECORDER)
+    args = [
+        "--workflow-profile", "profiles/slurm",
+        "--default-resources", "slurm_partition=main", "runtime=10", "mem_mb=1000",
+        # fit the node's CPUs and memory; GPUs, tasks and partition stay the rules' own
+        "--set-threads", "finetune=1", "evaluate=1", "--set-resources", "finetune:mem_mb=1000", "evaluate:mem_mb=1000",
+        "--slurm-no-account", "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
+        "--config", "finetune={device: cuda}", "slurm={gpu_partition: gpu}",
+        "--allowed-rules", "finetune", "evaluate", "--rerun-triggers", "mtime",
+        "--latency-wait", "5", "--jobs", "2", *GPU_JOB_TARGETS,
+    ]
+    result = snakemake(workdir, *args, timeout=600)
+    assert result.returncode == 0, failure_report(workdir, result)
+    assert all((workdir / target).exists() for target in GPU_JOB_TARGETS)
+    for rule in ("finetune", "evaluate"):
+        record = json.loads((workdir / f"step-{rule}.json").read_text())
+        assert record["resources"]["gpu"] == 1 and record["resources"]["tasks_per_gpu"] == 0, record
+        env = record["env"]
+        assert env["SLURM_STEP_ID"] == "0", env  # the plugin's srun, not the batch script
+        assert env["SLURM_JOB_PARTITION"] == "gpu", env
+        job = record["job"]
+        assert re.search(r"TresPerJob=gres[:/]gpu:1\b", job), job
+        allocated = re.search(r"GRES=gpu(?::\w+)?:1\(IDX:(\d+)\)", job)
+        assert allocated, job
+        assert env["CUDA_VISIBLE_DEVICES"] == env["SLURM_STEP_GPUS"] == allocated.group(1), (env, job)
+        assert "CPUs/Task=1 " in job and not re.search(r"NtasksPerTRES=[1-9]", job), job

@@ -18,15 +18,12 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from _workflow import copy_workflow
+from _workflow import GPU_JOB_TARGETS, copy_workflow, placeholder_inputs
 
-QUANTIZED = "results/quantized/smollm2-135m-instruct-w4g64"
-TARGETS = ["results/finetune/a/summary.json", "results/eval/b/metrics.json"]
 # sbatch options that say where a job runs and with what: partition, tasks, GPUs, CPUs, nodes.
 PLACEMENT = ("-p", "--ntasks", "--ntasks-per-gpu", "--ntasks-per-node", "--gpus", "--gpus-per-task", "--gres",
              "--cpus-per-task", "--cpus-per-gpu", "--nodes")
@@ -81,21 +78,6 @@ def _stub_bin(directory: Path, nvidia_smi: str | None, log: Path) -> dict[str, s
     return {**env, "PATH": f"{directory}{os.pathsep}{env['PATH']}", "PYTHONWARNINGS": "ignore"}
 
 
-def _placeholder_inputs(workdir: Path) -> None:
-    """Inputs of finetune (run a) and evaluate (run b), older than run b's finetune and replay outputs."""
-    for path in (QUANTIZED, "results/replay/b"):
-        (workdir / path).mkdir(parents=True)
-    for path in ("results/data/countdown/train.parquet", "results/data/countdown/eval.parquet",
-                 "results/finetune/b/summary.json", "results/finetune/b/metrics.parquet"):
-        (workdir / path).parent.mkdir(parents=True, exist_ok=True)
-        (workdir / path).touch()
-    now = time.time()
-    for age, path in ((30, QUANTIZED), (30, "results/data/countdown/train.parquet"),
-                      (30, "results/data/countdown/eval.parquet"), (20, "results/finetune/b/summary.json"),
-                      (20, "results/finetune/b/metrics.parquet"), (10, "results/replay/b")):
-        os.utime(workdir / path, (now - age, now - age))
-
-
 def _snakemake(workdir: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -104,7 +86,7 @@ def _snakemake(workdir: Path, env: dict[str, str], *args: str) -> subprocess.Com
 def _submit(root: Path, case: str) -> tuple[dict, subprocess.CompletedProcess]:
     finetune, nvidia_smi, _, _, _ = CASES[case]
     workdir = copy_workflow(root / case / "workflow")
-    _placeholder_inputs(workdir)
+    placeholder_inputs(workdir)
     log = root / case / "sbatch.jsonl"
     env = _stub_bin(root / case / "bin", nvidia_smi, log)
     result = _snakemake(
@@ -114,7 +96,7 @@ def _submit(root: Path, case: str) -> tuple[dict, subprocess.CompletedProcess]:
         "--slurm-no-account", "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
         "--config", f"finetune={finetune}", "slurm={gpu_partition: gpu}",
         "--allowed-rules", "finetune", "evaluate", "--rerun-triggers", "mtime",
-        "--keep-going", "--jobs", "2", "--latency-wait", "1", *TARGETS,
+        "--keep-going", "--jobs", "2", "--latency-wait", "1", *GPU_JOB_TARGETS,
     )
     calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     return {_rule(call["argv"]): call for call in calls}, result
@@ -186,14 +168,14 @@ def test_jobs_receive_the_resolved_device_backend_and_dtype(
     tmp_path: Path, nvidia_smi: str | None, inherited: str | None, mode: str, device: str
 ) -> None:
     workdir = copy_workflow(tmp_path / "workflow")
-    _placeholder_inputs(workdir)
+    placeholder_inputs(workdir)
     for script in ("finetune.py", "evaluate.py"):
         (workdir / "scripts" / script).write_text(STAND_IN)
     env = _stub_bin(tmp_path / "bin", nvidia_smi, tmp_path / "sbatch.jsonl")
     if inherited:
         env["QES_RESOLVED_DEVICE"] = inherited
     result = _snakemake(
-        workdir, env, *TARGETS, "--cores", "1", "--mode", mode, "--allowed-rules", "finetune", "evaluate",
+        workdir, env, *GPU_JOB_TARGETS, "--cores", "1", "--mode", mode, "--allowed-rules", "finetune", "evaluate",
         "--rerun-triggers", "mtime", "--config", "finetune={device: auto, backend: dense, dtype: float32}",
         "evaluate={backend: dense, dtype: bfloat16}",  # int4pack would be refused where the device is cuda
     )

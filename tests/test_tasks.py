@@ -254,3 +254,37 @@ def test_countdown_files_keep_their_behaviour(tiny_float_dir: Path, tmp_path: Pa
     assert task is TASK and task.stop_strings == STOP_STRINGS and len(problems) == 4
     problem = problems[0]
     assert task.score(f"</think><answer>{problem.solution}</answer>", problem, prefixes[0]).correct
+
+
+def test_every_registered_task_is_a_schema_choice_and_unknown_names_list_the_known() -> None:
+    from qes.schema import schema
+    from qes.tasks import UnknownTaskError, known_tasks, task_conflicts, task_kind
+
+    assert list(known_tasks()) == sorted(schema()["properties"]["task"]["properties"]["name"]["enum"])
+    assert all(task_kind(name).name == name for name in known_tasks())
+    with pytest.raises(UnknownTaskError, match=r"task\.name: unknown task 'gsm8k'; known tasks: countdown, dataset"):
+        task_conflicts({"name": "gsm8k"})
+
+
+def test_a_file_naming_an_unknown_task_is_refused(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    table = pa.table({"id": ["a"]}).replace_schema_metadata({"qes.task": json.dumps({"name": "gsm8k"})})
+    pq.write_table(table, tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match=r"t\.parquet \(its task metadata\): unknown task 'gsm8k'; known tasks"):
+        read_task_data(tmp_path / "t.parquet")
+
+
+def test_each_task_names_its_own_inputs_and_reward() -> None:
+    from qes.schema import complete
+    from qes.tasks import task_inputs, task_kind
+
+    countdown = complete({"train_file": "train.json"}, "task")
+    assert task_inputs(countdown) == ["train.json"]
+    dataset = complete({"name": "dataset", "reward": "r.py:score",
+                        "dataset": {"train": "rows.jsonl", "eval": "hf:org/rows"}}, "task")
+    assert task_inputs(dataset) == ["rows.jsonl", "r.py"]
+    assert task_kind("countdown").reward_description({}).startswith("1 for a correct equation")
+    assert "reference number" in task_kind("dataset").reward_description({"reward": "numeric"})
+    assert "`r.py:score` (sha256 `abc`)" in task_kind("dataset").reward_description(
+        {"reward": "r.py:score", "reward_sha256": "abc"})

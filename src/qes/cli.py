@@ -22,6 +22,7 @@ from pathlib import Path
 
 from qes import __version__
 from qes.config import complete, read_block, schema
+from qes.signing import add_sign_log, add_signer_options, cmd_sign_log, signature_report
 
 
 def _existing(path: Path, option: str, kind: str = "folder") -> Path:
@@ -39,10 +40,16 @@ def _add_overwrite(parser: argparse.ArgumentParser) -> None:
 
 
 def _fresh_out(out: Path, args: argparse.Namespace, inputs: dict[str, Path | None]) -> Path:
-    """Refuse an output folder that overlaps an input, or one that holds files unless --overwrite."""
+    """Refuse an output folder that overlaps an input, or one that holds files unless --overwrite.
+
+    Claims `out` first (until the command ends), so that no other process writes it between the check and
+    the write, and a second command on the same output is refused while this one runs.
+    """
+    from qes.claims import acquire
     from qes.fsutil import refuse_overlap
 
     refuse_overlap(out, {f"--{k}": v for k, v in inputs.items()})
+    acquire(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
@@ -182,6 +189,7 @@ def _add_replay(parser: argparse.ArgumentParser) -> None:
                         help="re-derive the last logged iteration of a run that did not finish (no final.json)")
     parser.add_argument("--until", type=int, default=None, metavar="N",
                         help="stop after iteration N (a point on the run's curve; default: the whole log)")
+    add_signer_options(parser, "--require-signature", "refuse a log whose signature does not verify against")
     _add_overwrite(parser)
 
 
@@ -191,10 +199,15 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     _existing(args.base, "--base")
     _existing(args.log, "--log")
     _fresh_out(args.out, args, {"base": args.base, "log": args.log})
+    signature = signature_report(args.log, args.require_signature, args.identity, "--require-signature")
     report = replay_checkpoint(args.base, args.log, args.out, partial=args.partial, until=args.until)
     if not report["finished"] and args.until is None:
         print(f"qes replay: re-derived iteration {report['iterations']}; the run did not finish", file=sys.stderr)
-    print(json.dumps(report))
+    if report["check"] == "unchecked":
+        from qes.replay import unchecked_note
+
+        print(f"qes replay: {unchecked_note(report)}", file=sys.stderr)
+    print(json.dumps({**report, **signature}))
     print(report["codes_sha256"])
     return 0
 
@@ -202,6 +215,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 def _add_verify_log(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("log", type=Path, help="the run's seed log folder (holds run.json, steps/)")
     parser.add_argument("--partial", action="store_true", help="accept a run that did not finish (no final.json)")
+    add_signer_options(parser, "--signer", "also verify the log's signature against")
 
 
 def _cmd_verify_log(args: argparse.Namespace) -> int:
@@ -222,6 +236,7 @@ def _cmd_verify_log(args: argparse.Namespace) -> int:
         "base_sha256": seedlog.meta["base"]["sha256"],
         "run_sha256": seedlog.run_sha256,
         "last_record_sha256": seedlog.head,
+        **signature_report(seedlog, args.signer, args.identity, "--signer"),
         "seconds": round(time.perf_counter() - started, 4),
     }))
     return 0
@@ -335,6 +350,8 @@ COMMANDS: dict[str, Command] = {
     "replay": ("re-derive a tuned checkpoint from its base and seed log (stage replay)", _add_replay, _cmd_replay),
     "verify-log": ("check a seed log's hash chain and completeness, without a model", _add_verify_log,
                    _cmd_verify_log),
+    "sign-log": ("sign a seed log with an SSH key (ssh-keygen -Y sign), to show who wrote it", add_sign_log,
+                 cmd_sign_log),
     "evaluate": ("held-out evaluation of base vs tuned (stage evaluate)", _add_evaluate, _cmd_evaluate),
     "export": ("tuned checkpoint + seed log + model card (stage export)", _add_export, _cmd_export),
 }
@@ -373,6 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from qes.claims import release_all
+
     try:
         return int(args.run(args))
     except Exception as error:  # every failure ends in one line that names the problem
@@ -380,6 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"qes {args.command}: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        release_all()
 
 
 if __name__ == "__main__":

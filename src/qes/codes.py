@@ -64,6 +64,7 @@ from qes.qlinear import (
     int4pack_kernel_dtype,
     make_backend,
     measure_cpu_int4_backends,
+    require_cuda,
     unpack_along_rows,
 )
 
@@ -460,8 +461,8 @@ def assemble_quantized(
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+    if device.type == "cuda":
+        require_cuda()
     torch_dtype = compute_dtype(dtype, device)
     config = copy.deepcopy(config)
     if hasattr(config, "quantization_config"):

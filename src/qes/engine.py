@@ -10,13 +10,16 @@
 
 Layers are processed in chunks of about `chunk_codes` codes (whole layers, sorted by name), so the
 extra memory at any moment is a chunk's worth of noise and either the int16 residual (`stored` mode)
-or, during a `replay` update, about 9 bytes of scratch per code of one chunk.
+or, during a `replay` update, about 9 bytes of scratch per code of one chunk. On a GPU the chunks are at
+least `CUDA_CHUNK_CODES` codes: there each chunk costs a fixed number of kernel launches, so fewer, larger
+chunks are faster. No result depends on the chunking (the noise is a function of each layer alone).
 Training and replay call the very same `apply`, which is what makes replay exact.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +40,9 @@ from qes.update import (
     gradient_part,
     rsr,
 )
+
+#: the smallest chunk on a GPU (2^27 codes: about 1.2 GB of scratch during a replay update)
+CUDA_CHUNK_CODES = 1 << 27
 
 
 @dataclass
@@ -103,6 +109,9 @@ class Engine:
         if not self.layers:
             raise ValueError("the model has no quantized linear layers to train")
         self.layers = sorted(self.layers, key=lambda layer: layer.name)
+        limit = self.update.chunk_codes
+        if self.layers[0].qweight.device.type == "cuda":
+            limit = max(limit, CUDA_CHUNK_CODES)
         self.chunks = []
         group: list[QuantLinear] = []
         kind = None
@@ -110,7 +119,7 @@ class Engine:
             backend = layer.module.backend
             layer_kind = (backend.name if backend is not None else None, layer.bits)
             size = sum(x.num_codes for x in group)
-            if group and (layer_kind != kind or size + layer.num_codes > self.update.chunk_codes):
+            if group and (layer_kind != kind or size + layer.num_codes > limit):
                 self.chunks.append(self._chunk(group))
                 group = []
             group.append(layer)
@@ -129,6 +138,14 @@ class Engine:
     @property
     def num_codes(self) -> int:
         return sum(chunk.size for chunk in self.chunks)
+
+    def clock(self) -> float:
+        """``time.perf_counter()`` once the codes' device has finished its queued work: CUDA kernels run
+        asynchronously, so a timer that does not wait bills one phase's kernels to the next phase."""
+        device = self.layers[0].qweight.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
 
     def codes_sha256(self) -> str:
         """The qes.codes.codes_sha256 of the current codes."""
@@ -190,8 +207,7 @@ class Engine:
             empty = torch.empty(0, dtype=torch.int64, device=device)
             return empty, empty
         coefs = [c for _, c in step.seed_coefficients()]
-        largest = max((int(v.abs().max()) for _, v in parts if v.numel()), default=1)
-        check_range(sum(abs(c) for c in coefs), largest, step.alpha_fp)
+        check_range(sum(abs(c) for c in coefs), self.noise.max_magnitude, step.alpha_fp)
         index = torch.cat([i for i, _ in parts])
         contrib = torch.cat([v * c for (_, v), c in zip(parts, coefs)])
         unique, inverse = torch.unique(index, return_inverse=True)
@@ -275,10 +291,9 @@ class Engine:
         for j, s in enumerate(window, start=1):
             pairs = s.seed_coefficients()
             noise = [table_noise(self.noise, seed, chunk.table) for seed, _ in pairs]
-            largest = max((int(v.abs().max()) for _, v in noise if v.numel()), default=1)
             coef_sum = sum(abs(c) for _, c in pairs)
-            check_range(coef_sum, largest, s.alpha_fp)
-            bound = coef_sum * largest
+            check_range(coef_sum, self.noise.max_magnitude, s.alpha_fp)
+            bound = coef_sum * self.noise.max_magnitude
             # g = sum C_i delta_i is exact in int32 whenever sum |C_i| * max |delta| fits, as it does at
             # any sane setting; int64 otherwise. Either way the products below are taken in int64.
             dtype = torch.int32 if bound < 1 << 31 else torch.int64

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import re
 import statistics
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from qes.evaluate import EvaluateConfig
+
+log = logging.getLogger(__name__)
 
 #: residual mode of the finetune stage per method family
 MODES = {"quzo": "none", "stored": "stored", "replay": "replay"}
@@ -189,7 +192,7 @@ def score_point(base: str | Path, log_dir: str | Path | None, iteration: int, ev
     import tempfile
 
     from qes.evaluate import evaluate_loaded, load_for_evaluation
-    from qes.replay import engine_for_log, replay_steps
+    from qes.replay import engine_for_log, point_check, replay_steps, unchecked_note
     from qes.seedlog import SeedLog, SeedLogError
 
     point: dict = {"iteration": iteration}
@@ -204,7 +207,9 @@ def score_point(base: str | Path, log_dir: str | Path | None, iteration: int, ev
     if seedlog is not None:
         engine = engine_for_log(model, seedlog)
         replay_steps(engine, seedlog, stop=iteration)
-        point |= {"seed_log": str(log_dir), "codes_sha256": engine.codes_sha256()}
+        point |= {"seed_log": str(log_dir), "codes_sha256": engine.codes_sha256(), **point_check(seedlog, iteration)}
+        if point["check"] == "unchecked":
+            log.warning("%s: %s", log_dir, unchecked_note({**point, "iterations": iteration}))
     name = f"{log_dir} at iteration {iteration}" if seedlog is not None else str(base)
     with tempfile.TemporaryDirectory() as tmp:
         metrics = evaluate_loaded(model, tokenizer, name, eval_parquet, cfg, Path(tmp) / "metrics.json",

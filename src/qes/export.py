@@ -8,6 +8,8 @@ from pathlib import Path
 
 from qes.fsutil import atomic_dir, refuse_overlap
 from qes.seedlog import SeedLog, no_op_report, read_json
+from qes.signing import NAMESPACE, SIGNATURE, signature_summary
+from qes.tasks import DEFAULT_TASK, task_kind, task_of
 
 CARD = """---
 {front_matter}
@@ -56,7 +58,7 @@ any hardware. From the float model:
 way, and prints the final codes_sha256 above (`qes verify-log {out_dir}/seed_log` checks the log alone, in a
 second).
 
-## QES hyperparameters
+{signature}## QES hyperparameters
 
 | | |
 |---|---|
@@ -72,23 +74,11 @@ Reward: {reward}.
 | tuned (QES) | {t_acc:.4f} | {t_fmt:.4f} | {t_rew:.4f} |
 """
 
-COUNTDOWN_REWARD = "1 for a correct equation inside `<answer>` tags, 0.1 for the right format only, 0 otherwise"
-REWARDS = {
-    "exact_match": "1 when the answer equals the reference (normalised), 0.1 for giving an answer at all",
-    "numeric": "1 when the answer's last number equals the reference number, 0.1 for giving a number at all",
-    "countdown": COUNTDOWN_REWARD,
-}
-
-
 def task_description(task_data: str | Path | None) -> tuple[str, str]:
     """The task's name and a sentence on its reward, read from the run's task data file when it is there."""
-    from qes.tasks import task_of
-
-    meta = task_of(task_data) if task_data and Path(task_data).is_file() else {"name": "countdown"}
-    if meta["name"] == "countdown":
-        return "Countdown", COUNTDOWN_REWARD
-    reward = meta.get("reward") or "exact_match"
-    return "dataset", REWARDS.get(reward, f"the user function `{reward}` (sha256 `{meta.get('reward_sha256')}`)")
+    meta = task_of(task_data) if task_data and Path(task_data).is_file() else {"name": DEFAULT_TASK}
+    kind = task_kind(meta["name"], where=f"{task_data} (its task metadata)")
+    return kind.title, kind.reward_description(meta)
 
 
 def float_origin(quant_report: dict) -> tuple[str, dict[str, str]]:
@@ -144,6 +134,34 @@ def _commands(quant_report: dict, base_hash: str) -> str:
     ])
 
 
+def _signature_front_matter(signed: dict | None) -> str:
+    if signed is None:
+        return ""
+    lines = [f"qes_seed_log_signature: seed_log/{SIGNATURE}",
+             f"qes_seed_log_signer_key: {json.dumps(signed['key_fingerprint'])}"]
+    if signed["identity"]:
+        lines.append(f"qes_seed_log_signer: {json.dumps(signed['identity'])}")
+    return "\n" + "\n".join(lines)
+
+
+def _signature_section(signed: dict | None, out_dir: Path) -> str:
+    if signed is None:
+        return ""
+    named = f" (its signer names it `{signed['identity']}`)" if signed["identity"] else ""
+    return f"""## Signature
+
+The seed log is signed with the SSH key `{signed['key_fingerprint']}`{named}: `seed_log/{SIGNATURE}`
+(namespace `{NAMESPACE}`) covers the log's last record hash `{signed['last_record_sha256']}`, its run hash,
+the base identity and the final codes hash above. It shows who wrote the log to whoever trusts that key;
+check it against the keys you trust (lines such as `NAME namespaces="{NAMESPACE}" ssh-ed25519 AAAA...`):
+
+```bash
+qes verify-log {out_dir}/seed_log --signer allowed_signers
+```
+
+"""
+
+
 _CHECKPOINT_FILES = ("*.safetensors", "*.json", "*.jinja", "*.txt", "*.model")
 
 
@@ -189,6 +207,7 @@ def export_run(
     quant_report = json.loads(base_report.read_text()) if base_report.is_file() else {"model": str(base_dir)}
     origin, metadata = float_origin(quant_report)
     task, reward = task_description(run_meta.get("task_data"))
+    signed = signature_summary(seedlog)
     with atomic_dir(out_dir) as tmp:
         for pattern in _CHECKPOINT_FILES:
             for f in replayed_dir.glob(pattern):
@@ -198,7 +217,7 @@ def export_run(
         base, tuned = eval_metrics["base"], eval_metrics["tuned"]
         (tmp / "README.md").write_text(
             CARD.format(
-                front_matter=_front_matter(metadata, task.lower()),
+                front_matter=_front_matter(metadata, task.lower()) + _signature_front_matter(signed),
                 name=out_dir.name,
                 bits=quant["bits"],
                 group_size=quant["group_size"],
@@ -212,6 +231,7 @@ def export_run(
                 tuned_hash=final["codes_sha256"],
                 hyper_rows=_hyper_rows(run_meta),
                 base_identity=run_meta["base"]["sha256"],
+                signature=_signature_section(signed, out_dir),
                 notes="".join(f"\n> **Warning:** {w}\n" for w in no_op["warnings"]),
                 n=base["n"],
                 max_new_tokens=eval_metrics.get("max_new_tokens", "?"),

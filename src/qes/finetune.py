@@ -34,10 +34,12 @@ def prompt_indices(global_seed: int, iteration: int, total: int, count: int) -> 
 def resolve_device(device: str) -> str:
     import torch
 
+    from qes.qlinear import require_cuda
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+    if device == "cuda":
+        require_cuda()
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     return device
@@ -131,20 +133,29 @@ def run_finetune(
     """The finetune stage from the config's `finetune:` block: in this process, or as `ranks` ranks.
 
     With ranks > 1 (and not already one of them), starts `qes finetune` under the configured launcher
-    with the same block and waits for it; the seed log then holds the result.
+    with the same block and waits for it; the seed log then holds the result. The seed log folder is
+    claimed (:mod:`qes.claims`) for the whole run, so a second finetune of the same run is refused.
     """
     import tempfile
 
     import yaml
 
+    from qes.claims import claimed, inheriting
     from qes.dist import launch, launched_world
 
     cfg = finetune_config(block)
-    if cfg.ranks == 1 or launched_world() is not None:
+    refuse_overlap(run_dir, {"model": quantized_dir, "train": train_parquet}, "--run-dir")
+    if launched_world() is not None:  # a rank: rank 0 claims the log in train() unless its launcher holds it
         return finetune(quantized_dir, train_parquet, run_dir, cfg)
+    if cfg.ranks == 1:
+        with claimed(run_dir):
+            return finetune(quantized_dir, train_parquet, run_dir, cfg)
     started = time.perf_counter()
-    Path(run_dir).parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".qes-launch-", dir=Path(run_dir).parent) as tmp:
+    with (
+        claimed(run_dir) as lock,  # held here for the ranks, which inherit it
+        inheriting(lock),
+        tempfile.TemporaryDirectory(prefix=".qes-launch-", dir=Path(run_dir).parent) as tmp,
+    ):
         config = Path(tmp) / "finetune.yaml"
         config.write_text(yaml.safe_dump({"finetune": dict(block)}))
         args = ["finetune", "--model", str(quantized_dir), "--train", str(train_parquet), "--run-dir", str(run_dir)]

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qes.tasks import RewardRecord, Task, read_task_data
+from qes.tasks import RewardRecord, Task, default_task, read_task_data
 
 if TYPE_CHECKING:
     from qes.decoding import MemberScopes
@@ -151,9 +151,8 @@ def make_batch(
     task: Task | None = None,
 ) -> PromptBatch:
     """Tokenise prompt texts (already chat-formatted; no special tokens are added) of ``task``'s rows
-    (Countdown's by default)."""
-    if task is None:
-        from qes.tasks.countdown import TASK as task
+    (the default task's, :func:`qes.tasks.default_task`, when None)."""
+    task = task if task is not None else default_task()
     if isinstance(prefixes, str):
         prefixes = [prefixes] * len(prompts)
     if not (len(problems) == len(prompts) == len(prefixes)):

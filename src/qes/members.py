@@ -20,7 +20,6 @@ code range) either way.
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -119,16 +118,16 @@ class MemberGroup:
 
     @contextmanager
     def alone(self, member: int) -> Iterator[None]:
-        start = time.perf_counter()
+        start = self.engine.clock()
         perturbation = self.engine.perturb(*self.members[member])
         self.boundary_hits += perturbation.boundary_hits
-        self.seconds += time.perf_counter() - start
+        self.seconds += self.engine.clock() - start
         try:
             yield
         finally:
-            start = time.perf_counter()
+            start = self.engine.clock()
             self.engine.restore(perturbation)
-            self.seconds += time.perf_counter() - start
+            self.seconds += self.engine.clock() - start
 
     @contextmanager
     def together(self) -> Iterator[None]:
@@ -136,7 +135,7 @@ class MemberGroup:
             with self.alone(0):
                 yield
             return
-        start = time.perf_counter()
+        start = self.engine.clock()
         deltas = [self.engine.member_deltas(seed, sign) for seed, sign in self.members]
         modules = {layer.name: layer.module for layer in self.engine.layers}
         try:
@@ -144,7 +143,7 @@ class MemberGroup:
                 dtype = correction_dtype(self.dtype, module.qweight.device)
                 module.members = MemberCorrection(module, [d.get(name) for d in deltas], dtype)
             del deltas
-            self.seconds += time.perf_counter() - start
+            self.seconds += self.engine.clock() - start
             yield
         finally:
             for module in modules.values():

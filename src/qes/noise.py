@@ -30,6 +30,7 @@ Mirrored sampling: a member is (seed, sign) and its perturbation is sign * delta
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -144,6 +145,11 @@ class NoiseSpec:
         )
 
     @property
+    def max_magnitude(self) -> int:
+        """The largest |delta| the tables can draw (a bound known without generating any noise)."""
+        return 1 + len(self.magnitude_thresholds)
+
+    @property
     def density(self) -> float:
         """Expected fraction of non-zero codes, as encoded by the integer count table."""
         bounds = [0, *self.count_thresholds, _TWO32]
@@ -184,11 +190,17 @@ def _permute12(r: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@functools.lru_cache(maxsize=16)
+def _threshold_table(thresholds: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    import torch
+
+    return torch.tensor(thresholds, dtype=torch.int64, device=device)
+
+
 def _lookup(thresholds: tuple[int, ...], draws: torch.Tensor) -> torch.Tensor:
     import torch
 
-    table = torch.tensor(thresholds, dtype=torch.int64, device=draws.device)
-    return torch.searchsorted(table, draws, right=True)
+    return torch.searchsorted(_threshold_table(thresholds, draws.device), draws, right=True)
 
 
 @dataclass(frozen=True)
@@ -206,6 +218,8 @@ class BlockTable:
     block_index: torch.Tensor  # block number inside its layer
     offsets: torch.Tensor  # first flat index of each layer
     layer_sizes: torch.Tensor
+    key_words: torch.Tensor  # (low, high) 32-bit words of each layer key
+    partial: bool  # whether some layer's last block runs past its end
 
     @classmethod
     def build(
@@ -225,6 +239,8 @@ class BlockTable:
             block_index=index.to(device),
             offsets=offsets.to(device),
             layer_sizes=torch.tensor(sizes, dtype=torch.int64, device=device),
+            key_words=torch.tensor([[k & _M32, (k >> 32) & _M32] for k in keys], dtype=torch.int64, device=device),
+            partial=any(n % BLOCK for n in sizes),
         )
 
 
@@ -233,18 +249,22 @@ def table_noise(spec: NoiseSpec, seed: int, table: BlockTable) -> tuple[torch.Te
 
     Flat index = table.offsets[layer] + code index inside the layer. Entries come out grouped by
     layer and block, in no particular order inside a block, and are distinct.
+
+    One host synchronisation a call (the number of non-zeros, which sizes the outputs): the tables stay on
+    the device, the stream keys are computed there, and positions past a layer's end are only looked for
+    when some layer has a partial last block.
     """
     import torch
 
     device = table.block_index.device
-    bases = torch.tensor([stream_key(seed, k) for k in table.keys], dtype=torch.int64, device=device)
+    bases = _stream_keys(seed, table.key_words)
     block_keys = hash32(table.block_index ^ bases[table.block_layer])
     counts = _lookup(spec.count_thresholds, hash32(block_keys ^ _TAG_COUNT))
     total = int(counts.sum())
     if total == 0:
         empty = torch.empty(0, dtype=torch.int64, device=device)
         return empty, empty
-    owner = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=device), counts, output_size=total)
     first = torch.cumsum(counts, 0) - counts
     rank = torch.arange(total, dtype=torch.int64, device=device) - first[owner]
     keys = block_keys[owner]
@@ -254,10 +274,18 @@ def table_noise(spec: NoiseSpec, seed: int, table: BlockTable) -> tuple[torch.Te
         draws = hash32(hash32(keys ^ _TAG_MAGNITUDE) ^ rank)
         values = values * (1 + _lookup(spec.magnitude_thresholds, draws))
     layer = table.block_layer[owner]
-    keep = position < table.layer_sizes[layer]
-    if not bool(keep.all()):
+    if table.partial:
+        keep = position < table.layer_sizes[layer]
         position, values, layer = position[keep], values[keep], layer[keep]
     return table.offsets[layer] + position, values
+
+
+def _stream_keys(seed: int, key_words: torch.Tensor) -> torch.Tensor:
+    """:func:`stream_key` of one seed for every layer of a table, computed on the table's device."""
+    if not 0 < seed < 2**31:
+        raise ValueError(f"noise seeds must be in [1, 2^31), got {seed}")
+    h = hash32(key_words[:, 0] ^ hash32(seed ^ 0x9E3779B9))
+    return hash32(h ^ key_words[:, 1])
 
 
 def layer_noise(

@@ -68,6 +68,22 @@ def cpu_runs_bf16_natively() -> bool:
     return bool(hardware) and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
+def require_cuda() -> None:
+    """Refuse a CUDA run where torch sees no CUDA device, naming the likely cause: torch's CPU build, or an
+    NVIDIA driver older than the build needs (the CUDA 13 build needs >= 580, the CUDA 12.6 one >= 525)."""
+    if torch.cuda.is_available():
+        return
+    build = torch.version.cuda
+    if build is None:
+        why = (f"torch {torch.__version__} is the CPU build: set up with `make setup QES_TORCH=cuda` (NVIDIA "
+               "driver >= 580) or `make setup QES_TORCH=cu126` (driver >= 525)")
+    else:
+        why = (f"torch {torch.__version__} is built for CUDA {build}: check that a GPU is visible here and that "
+               "the NVIDIA driver `nvidia-smi` reports is new enough for it (CUDA 13 needs >= 580, CUDA 12.6 "
+               ">= 525; for a 525-575 driver set up with `make setup QES_TORCH=cu126`)")
+    raise RuntimeError(f"device 'cuda' was asked for but torch sees no CUDA device: {why}")
+
+
 def cuda_runs_bf16_natively(device: str | torch.device = "cuda") -> bool:
     """Whether the GPU has bf16 arithmetic (Ampere and later); a T4 or V100 only emulates it. True where torch
     sees no GPU (nothing runs there; the answer only names the dtype a CUDA run would use)."""

@@ -84,6 +84,35 @@ def replay_steps(
     return stop
 
 
+def point_check(seedlog: SeedLog, iterations: int) -> dict:
+    """How the codes after `iterations` logged iterations are checked by a replay that stops there.
+
+    ``{"check": "checked", "checked_against": ...}`` where the log holds their hash (the base identity at 0,
+    a record's hash checkpoint, final.json), else ``{"check": "unchecked", "nearest_checkpoint": M}``: M
+    (in the same count of iterations) is the nearest checkpoint after them, or before them if none follows.
+    """
+    finished = seedlog.finished
+    if iterations == 0:
+        return {"check": "checked", "checked_against": "the base identity in run.json"}
+    if finished is not None and finished["iterations"] == iterations:
+        return {"check": "checked", "checked_against": "final.json"}
+    if seedlog.records[iterations - 1].checkpoint is not None:
+        return {"check": "checked", "checked_against": f"the hash checkpoint after iteration {iterations}"}
+    points = sorted({t + 1 for t, r in enumerate(seedlog.records) if r.checkpoint is not None}
+                    | ({finished["iterations"]} if finished is not None else set()))
+    later = [p for p in points if p > iterations]
+    nearest = later[0] if later else points[-1] if points else None
+    return {"check": "unchecked", "nearest_checkpoint": nearest}
+
+
+def unchecked_note(report: dict) -> str:
+    """One line saying that the re-derived codes were not checked against a hash, and where one is."""
+    nearest = report.get("nearest_checkpoint")
+    where = f"the nearest is after iteration {nearest} (--until {nearest})" if nearest else "it holds none"
+    return (f"the codes after iteration {report['iterations']} are unchecked: the seed log holds no hash "
+            f"checkpoint there; {where}")
+
+
 def replay_checkpoint(
     base: str | Path, log_dir: str | Path, out_dir: str | Path, partial: bool = False, until: int | None = None
 ) -> dict:
@@ -91,14 +120,15 @@ def replay_checkpoint(
 
     The whole log is verified (hash chain, final.json) before the model is loaded; an unfinished log is
     refused unless `partial`, and then the report says which iteration was re-derived. `until` stops after
-    that many iterations (a point on the run's curve): a verified prefix of the log, finished or not.
+    that many iterations (a point on the run's curve): a verified prefix of the log, finished or not. An
+    empty log is always refused. The report's `check` says whether the result was checked against a hash
+    the log holds for it (:func:`point_check`).
     """
     started = time.perf_counter()
     refuse_overlap(out_dir, {"seed log": log_dir, "base": base})
     seedlog = SeedLog.open(log_dir)
-    if until is None:
-        seedlog.require_complete(partial)
-    elif not 0 <= until <= seedlog.iterations:
+    seedlog.require_complete(partial or until is not None)  # an empty log is refused even with --until 0
+    if until is not None and not 0 <= until <= seedlog.iterations:
         raise SeedLogError(f"cannot replay {log_dir} until iteration {until}: it holds {seedlog.iterations}")
     finished = seedlog.finished
     if finished is not None and until is not None and until != finished["iterations"]:
@@ -121,10 +151,13 @@ def replay_checkpoint(
         "base_codes_sha256": seedlog.meta["base_codes_sha256"],
         "base_sha256": seedlog.meta["base"]["sha256"],
         "codes_sha256": final,
+        **point_check(seedlog, iterations),
         "seconds": round(time.perf_counter() - started, 3),
     }
     save_quantized(model, tokenizer, out_dir, {"replay_report.json": json.dumps(report, indent=2) + "\n"})
     if finished is None and until is None:
         log.warning("re-derived iteration %d; the run did not finish", iterations)
+    if report["check"] == "unchecked":
+        log.warning("%s", unchecked_note(report))
     log.info("replayed %d iterations: codes_sha256 %s", iterations, final)
     return report

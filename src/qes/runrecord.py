@@ -53,6 +53,12 @@ def _comparable(meta: dict, fitness_may_change: bool = False) -> dict:
     skip = ("format", "version", "qes_version", "base", "base_codes_sha256")
     skip += ("fitness",) if fitness_may_change else ()
     out = {k: v for k, v in meta.items() if k not in skip}
+    # How the engine cuts the model into chunks changes its memory and speed, never its results.
+    if isinstance(out.get("update"), dict):
+        out["update"] = {k: v for k, v in out["update"].items() if k != "chunk_codes"}
+    if isinstance(out.get("train"), dict) and isinstance(out["train"].get("update"), dict):
+        update = {k: v for k, v in out["train"]["update"].items() if k != "chunk_codes"}
+        out["train"] = {**out["train"], "update": update}
     if not fitness_may_change and "fitness" not in out and "max_new_tokens" in out:
         out["fitness"] = LEGACY_FITNESS  # a finetune-stage log from before the fitness path was recorded
     return out

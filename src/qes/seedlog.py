@@ -9,8 +9,9 @@ One directory per run::
                         one file per iteration (its number is in the name), one row per member in
                         member order: seed, sign, coefficient (int), alpha_fp (int), reward (float32,
                         for people); the file's key-value metadata holds the iteration, the hash of
-                        the previous record, the record's own hash and, on checkpoint iterations,
-                        `qes.codes_sha256`, the codes' hash after the iteration's update
+                        the previous record, the record's own hash and, on checkpoint iterations
+                        and the last of a finished run, `qes.codes_sha256`, the codes' hash after
+                        the iteration's update
     final.json          written once the run has finished: iterations, final codes_sha256, and the
                         hashes of run.json and of the last record
 
@@ -41,6 +42,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qes.faults import fault_point
+from qes.logform import FINAL_KEYS, RUN_KEYS, SeedLogError, check_checkpoint, check_form, read_bytes
+from qes.logform import read_object as read_json
 from qes.noise import NoiseSpec, member_seeds
 from qes.update import Step, UpdateConfig, alpha_fixed_point, alpha_schedule
 
@@ -70,10 +73,6 @@ _WRITE_OPTIONS = dict(
 REQUIRED_META = ("base_codes_sha256", "base", "layers", "noise", "update", "population", "global_seed", "train")
 
 
-class SeedLogError(RuntimeError):
-    """A seed log that cannot be trusted; the message says which file and why."""
-
-
 @dataclass(frozen=True)
 class LoggedStep:
     step: Step
@@ -101,25 +100,11 @@ def record_sha256(prev: str, iteration: int, rows: dict[str, list], checkpoint: 
     )
 
 
-def read_json(path: Path, what: str) -> dict:
-    """A JSON object from `path`; every way it can be unreadable is an error that names the file."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError as err:
-        raise SeedLogError(f"{path} is missing ({what})") from err
-    if not raw.strip():
-        raise SeedLogError(f"{path} is empty; expected the {what} as a JSON object")
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SeedLogError(f"{path} is not valid JSON ({what}): {err}") from err
-    if not isinstance(data, dict):
-        raise SeedLogError(f"{path}: expected the {what} as a JSON object, found {type(data).__name__}")
-    return data
-
-
 def write_atomic(path: Path, write, fault: tuple[str, int] | None = None) -> None:
+    """Write `path` under a temporary name, flush it and rename it into place (a link there is replaced)."""
     tmp = path.with_name(f".tmp-{path.name}")
+    if os.path.lexists(tmp):
+        tmp.unlink()  # a stray temporary file, or a link that must not be written through
     write(tmp)
     fd = os.open(tmp, os.O_RDONLY)
     try:
@@ -183,6 +168,28 @@ class SeedLog:
         """Hash of the last record (of run.json while there is none): what the next record chains to."""
         return self.records[-1].record_sha256 if self.records else self.run_sha256
 
+    def _step_path(self, iteration: int) -> Path:
+        return self.path / "steps" / f"it-{iteration:08d}.parquet"
+
+    def _record(self, logged: LoggedStep, prev: str) -> tuple[pa.Table, dict[bytes, bytes], str]:
+        """A record as stored: its table, its file metadata and its hash."""
+        step = logged.step
+        table = pa.table(
+            {
+                "seed": list(step.seeds),
+                "sign": list(step.signs),
+                "coef": list(step.coefs),
+                "alpha_fp": [step.alpha_fp] * len(step.seeds),
+                "reward": list(logged.rewards),
+            },
+            schema=STEP_SCHEMA,
+        )
+        record = record_sha256(prev, step.iteration, table.to_pydict(), logged.checkpoint)
+        metadata = {ITERATION_KEY: str(step.iteration).encode(), PREV_KEY: prev.encode(), RECORD_KEY: record.encode()}
+        if logged.checkpoint is not None:
+            metadata[CHECKPOINT_KEY] = logged.checkpoint.encode()
+        return table, metadata, record
+
     def append(self, logged: LoggedStep) -> None:
         step = logged.step
         n = len(step.seeds)
@@ -190,31 +197,31 @@ class SeedLog:
             raise SeedLogError(f"step {step.iteration} has {n} members, the run has {self.population}")
         if step.iteration != len(self.records):
             raise SeedLogError(f"iteration {step.iteration} cannot follow {len(self.records)} logged iterations")
-        table = pa.table(
-            {
-                "seed": list(step.seeds),
-                "sign": list(step.signs),
-                "coef": list(step.coefs),
-                "alpha_fp": [step.alpha_fp] * n,
-                "reward": list(logged.rewards),
-            },
-            schema=STEP_SCHEMA,
-        )
-        prev = self.head
-        record = record_sha256(prev, step.iteration, table.to_pydict(), logged.checkpoint)
-        metadata = {ITERATION_KEY: str(step.iteration).encode(), PREV_KEY: prev.encode(), RECORD_KEY: record.encode()}
-        if logged.checkpoint is not None:
-            metadata[CHECKPOINT_KEY] = logged.checkpoint.encode()
-        target = self.path / "steps" / f"it-{step.iteration:08d}.parquet"
-        if target.exists():
+        table, metadata, record = self._record(logged, self.head)
+        target = self._step_path(step.iteration)
+        if os.path.lexists(target):
             raise SeedLogError(f"{target} exists; a logged iteration is never rewritten")
         write_atomic(target, lambda tmp: _write_step(tmp, table, metadata), fault=("append", step.iteration))
         rewards = tuple(table.column("reward").to_pylist())
         self.records.append(LoggedStep(step, rewards, logged.checkpoint, record))
 
     def finish(self, iterations: int, codes_sha256: str) -> None:
+        """Write final.json; the last record carries the final codes hash as its checkpoint.
+
+        A run planned to end here logged that checkpoint with its last iteration. A run stopped earlier
+        and then ended at the iteration it had reached gets it now: its last record, which nothing
+        chains to yet, is rewritten whole with the checkpoint added, before final.json names its hash.
+        """
         if iterations != len(self.records):
             raise SeedLogError(f"cannot finish at iteration {iterations}: {len(self.records)} are logged")
+        last = self.records[-1] if self.records else None
+        if last is not None and last.checkpoint is None:
+            self._add_last_checkpoint(codes_sha256)
+        elif last is not None and last.checkpoint != codes_sha256:
+            raise SeedLogError(
+                f"cannot finish {self.path} with codes_sha256 {codes_sha256}: its last record's hash checkpoint "
+                f"is {last.checkpoint}"
+            )
         fault_point("finish", iterations)
         _write_json(
             self.path / "final.json",
@@ -226,18 +233,28 @@ class SeedLog:
             },
         )
 
-    def reopen(self) -> None:
+    def _add_last_checkpoint(self, codes_sha256: str) -> None:
+        last = self.records[-1]
+        prev = self.records[-2].record_sha256 if len(self.records) > 1 else self.run_sha256
+        table, metadata, record = self._record(LoggedStep(last.step, last.rewards, codes_sha256), prev)
+        write_atomic(self._step_path(last.step.iteration), lambda tmp: _write_step(tmp, table, metadata))
+        self.records[-1] = LoggedStep(last.step, last.rewards, codes_sha256, record)
+
+    def reopen(self, codes_sha256: str) -> None:
         """Make a finished log unfinished again so that it can be continued past its end.
 
-        Only final.json goes: the last record already holds the final codes hash as its checkpoint, so
-        nothing that final.json said is lost.
+        `codes_sha256` is what replaying the log gave; it must be final.json's. Only final.json goes: the
+        last record holds the same hash as its checkpoint (in logs written before every run's last
+        record carried one, the next checkpoint of the continued run is the next check).
         """
         final = self.finished
         if final is None:
             return
-        last = self.records[-1] if self.records else None
-        if last is None or last.checkpoint != final["codes_sha256"]:
-            raise SeedLogError(f"{self.path}: the last record does not hold final.json's codes hash; cannot continue")
+        if codes_sha256 != final["codes_sha256"]:
+            raise SeedLogError(
+                f"{self.path}: replaying the log gives codes_sha256 {codes_sha256}, final.json records "
+                f"{final['codes_sha256']}; cannot continue"
+            )
         fault_point("reopen", self.iterations)
         (self.path / "final.json").unlink()
 
@@ -257,7 +274,7 @@ class SeedLog:
         if not path.is_dir():
             raise SeedLogError(f"{path} is not a folder: not a seed log")
         run_file = path / "run.json"
-        if not run_file.is_file():
+        if not os.path.lexists(run_file):
             raise SeedLogError(f"{path} holds no run.json: not a seed log")
         meta = read_json(run_file, "seed log's run description")
         if meta.get("format") != FORMAT:
@@ -271,6 +288,7 @@ class SeedLog:
         missing = [key for key in REQUIRED_META if key not in meta]
         if missing:
             raise SeedLogError(f"{run_file} lacks {', '.join(missing)}: not a complete seed log")
+        check_form(meta, run_file, RUN_KEYS)
         log = cls(path, meta)
         log._read_records()
         log._check_final()
@@ -295,11 +313,13 @@ class SeedLog:
     @property
     def finished(self) -> dict | None:
         final = self.path / "final.json"
-        return read_json(final, "record of the finished run") if final.exists() else None
+        return read_json(final, "record of the finished run") if os.path.lexists(final) else None
 
     def step_files(self) -> list[Path]:
         steps = self.path / "steps"
         if not steps.is_dir():
+            if os.path.lexists(steps):
+                raise SeedLogError(f"{steps} is not a folder: the seed log's records cannot be read")
             raise SeedLogError(f"{self.path} has no steps/ directory")
         return sorted(p for p in steps.iterdir() if not p.name.startswith(".tmp-"))
 
@@ -318,36 +338,38 @@ class SeedLog:
 
     def _read_record(self, path: Path, iteration: int, prev: str) -> LoggedStep:
         try:  # one read into memory and no thread pool: a step file is about 1 KB, and a log has thousands
-            source = pa.BufferReader(pa.py_buffer(path.read_bytes()))
+            source = pa.BufferReader(pa.py_buffer(read_bytes(path, "step record")))
             table = pq.ParquetFile(source, page_checksum_verification=True).read(use_threads=False)
         except (pa.ArrowException, OSError) as err:
             raise SeedLogError(f"step file {path} is truncated or corrupted: {err}") from err
         if table.schema.remove_metadata() != STEP_SCHEMA:
             raise SeedLogError(f"step file {path} has schema {table.schema}, expected {STEP_SCHEMA}")
         metadata = table.schema.metadata or {}
-        stored_iteration = metadata.get(ITERATION_KEY, b"").decode()
+        stored_iteration = metadata.get(ITERATION_KEY, b"").decode(errors="replace")
         if stored_iteration != str(iteration):
             raise SeedLogError(
                 f"step file {path} holds iteration {stored_iteration or '?'}, not {iteration}: records were "
                 f"renamed or reordered"
             )
         checkpoint = metadata.get(CHECKPOINT_KEY)
-        checkpoint = checkpoint.decode() if checkpoint else None
+        checkpoint = checkpoint.decode(errors="replace") if checkpoint else None
         rows = table.to_pydict()
         record = record_sha256(prev, iteration, rows, checkpoint)
-        if metadata.get(PREV_KEY, b"").decode() != prev:
+        if metadata.get(PREV_KEY, b"").decode(errors="replace") != prev:
             what = "run.json" if iteration == 0 else f"the record of iteration {iteration - 1}"
             raise SeedLogError(
                 f"seed log record of iteration {iteration} ({path}) does not follow {what}: {what} was edited, "
                 f"or records were removed or reordered"
             )
-        if metadata.get(RECORD_KEY, b"").decode() != record:
+        if metadata.get(RECORD_KEY, b"").decode(errors="replace") != record:
             raise SeedLogError(
                 f"seed log record of iteration {iteration} ({path}) was altered: its content (seeds, signs, "
                 f"coefficients, step size, rewards or hash checkpoint) does not match its recorded hash"
             )
         if table.num_rows != self.population:
             raise SeedLogError(f"step file {path} holds {table.num_rows} members, the run has {self.population}")
+        if checkpoint is not None:
+            check_checkpoint(checkpoint, path, CHECKPOINT_KEY.decode())
         self._check_semantics(path, iteration, rows)
         step = Step(
             iteration=iteration,
@@ -380,6 +402,7 @@ class SeedLog:
         if final is None:
             return
         where = self.path / "final.json"
+        check_form(final, where, FINAL_KEYS)
         want = {
             "iterations": self.iterations,
             "run_sha256": self.run_sha256,
@@ -391,8 +414,11 @@ class SeedLog:
                     f"{where} does not match the log: {key} is {final.get(key)!r} there, the log gives {value!r} "
                     f"(run.json or records were edited or removed after the run finished)"
                 )
-        if not isinstance(final.get("codes_sha256"), str):
-            raise SeedLogError(f"{where} lacks the final codes_sha256")
+        last = self.records[-1].checkpoint if self.records else None
+        if last is not None and last != final["codes_sha256"]:
+            raise SeedLogError(
+                f"{where}: codes_sha256 is {final['codes_sha256']}, but the last record's hash checkpoint is {last}"
+            )
 
     def require_complete(self, partial: bool = False) -> None:
         """Refuse an empty log, and an unfinished one unless `partial` (a run that did not finish)."""

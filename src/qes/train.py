@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qes.claims import claimed, inherited
 from qes.codes import QuantLinear, base_identity, codes_sha256
 from qes.dist import Ranks
 from qes.engine import Engine, StepStats
@@ -25,7 +27,7 @@ from qes.hparams import TrainConfig
 from qes.logutil import PROGRESS
 from qes.members import MemberGroup
 from qes.noise import member_seeds
-from qes.replay import engine_for_log, layer_manifest, replay_steps
+from qes.replay import ReplayMismatch, engine_for_log, layer_manifest, replay_steps
 from qes.runrecord import refuse_other_config, run_meta
 from qes.seedlog import LoggedStep, SeedLog, SeedLogError, write_atomic
 from qes.update import Step, alpha_fixed_point, quantize_coefficients, shape_rewards
@@ -79,14 +81,14 @@ def _score_members(engine: Engine, model, members: list[tuple[int, int]], mine: 
     out = _Scored()
     if member_batch == 1:
         for index in mine:
-            a = time.perf_counter()
+            a = engine.clock()
             p = engine.perturb(*members[index])
-            b = time.perf_counter()
+            b = engine.clock()
             fault_point("fitness", t)
             out.rewards[index] = float(fitness(t))
-            c = time.perf_counter()
+            c = engine.clock()
             engine.restore(p)
-            out.seconds_perturb += (b - a) + (time.perf_counter() - c)
+            out.seconds_perturb += (b - a) + (engine.clock() - c)
             out.seconds_fitness += c - b
             out.hits += p.boundary_hits
         return out
@@ -94,10 +96,10 @@ def _score_members(engine: Engine, model, members: list[tuple[int, int]], mine: 
     for start in range(0, len(mine), member_batch):
         indices = mine[start : start + member_batch]
         group = MemberGroup(engine, [members[i] for i in indices], dtype)
-        a = time.perf_counter()
+        a = engine.clock()
         fault_point("fitness", t)
         rewards = group_fitness(t, group)
-        out.seconds_fitness += time.perf_counter() - a - group.seconds
+        out.seconds_fitness += engine.clock() - a - group.seconds
         out.seconds_perturb += group.seconds
         out.hits += group.boundary_hits
         out.rewards.update(zip(indices, map(float, rewards), strict=True))
@@ -127,17 +129,29 @@ def train(
         raise ValueError("member_batch > 1 needs a group_fitness")
     run_dir = Path(run_dir)
     ranks = ranks or Ranks()
-    seedlog, engine = _open_and_catch_up(model, layers, cfg, run_dir, extra_meta or {}, ranks, fitness_may_change)
+    with ExitStack() as claim:
+        if ranks.is_writer and not inherited(run_dir):
+            claim.enter_context(claimed(run_dir))  # one writer per seed log, for the whole run
+        return _run(model, fitness, cfg, run_dir, on_iteration, ranks, group_fitness, member_batch,
+                    _open_and_catch_up(model, layers, cfg, run_dir, extra_meta or {}, ranks, fitness_may_change))
+
+
+def _run(model, fitness: Callable[[int], float], cfg: TrainConfig, run_dir: Path,
+         on_iteration: Callable[[dict], None] | None, ranks: Ranks,
+         group_fitness: Callable[[int, MemberGroup], list[float]] | None, member_batch: int,
+         opened: tuple[SeedLog, Engine]) -> str:
+    """The loop of :func:`train` from the log's last iteration to the run's end; returns the final codes hash."""
+    seedlog, engine = opened
     finished = seedlog.finished
     if finished is not None and finished["iterations"] >= cfg.iterations:
         log.info("run %s already finished at iteration %d", run_dir, finished["iterations"])
         return finished["codes_sha256"]
     if finished is not None:
-        # Continue a finished run: its last record holds the codes hash final.json had, and without
-        # final.json the log is an ordinary unfinished run until the new end is reached.
+        # Continue a finished run: the replay reproduced final.json's codes hash, and without final.json
+        # the log is an ordinary unfinished run until the new end is reached.
         log.info("continuing %s from iteration %d to %d", run_dir, finished["iterations"], cfg.iterations)
         if ranks.is_writer:
-            seedlog.reopen()
+            seedlog.reopen(engine.codes_sha256())
         ranks.barrier()
     metrics = Metrics(run_dir / "metrics.parquet")
     metrics.load(seedlog.iterations)
@@ -150,10 +164,10 @@ def train(
         rewards = ranks.gather_rewards(scored.rewards, len(members))
         scored.seconds_rank_wait = time.perf_counter() - waited
         step = _step(cfg, t, members, rewards)
-        updating = time.perf_counter()
+        updating = engine.clock()
         stats = engine.apply(step)
         fault_point("update", t)
-        scored.seconds_update = time.perf_counter() - updating
+        scored.seconds_update = engine.clock() - updating
         last = t == cfg.iterations - 1
         checkpoint = engine.codes_sha256() if last or (t + 1) % cfg.checkpoint_every == 0 else None
         if checkpoint is not None:
@@ -190,6 +204,12 @@ def _open_and_catch_up(model, layers: list[QuantLinear], cfg: TrainConfig, run_d
     log.info("resuming %s: replaying %d logged iterations", run_dir, done, extra=PROGRESS)
     engine = engine_for_log(model, seedlog, base)
     replay_steps(engine, seedlog)
+    finished = seedlog.finished
+    if finished is not None and engine.codes_sha256() != finished["codes_sha256"]:
+        raise ReplayMismatch(
+            f"replaying {run_dir} gives codes_sha256 {engine.codes_sha256()}, but its final.json records "
+            f"{finished['codes_sha256']}: the replay does not reproduce the run"
+        )
     return seedlog, engine
 
 

@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qes.tasks.base import RewardRecord, Task
-from qes.tasks.countdown.problems import TaskDataError
+from qes.schema import complete
+from qes.tasks.base import RewardRecord, Task, TaskDataError, TaskKind, complete_block
+from qes.tasks.registry import register
 from qes.tasks.rewards import (
     BUILTIN,
+    DESCRIPTIONS,
     RewardError,
     countdown_row,
     exact_match,
@@ -71,8 +73,6 @@ class DatasetSettings:
     @classmethod
     def from_block(cls, task: Mapping[str, Any]) -> DatasetSettings:
         """From the config's task block, validated by the config schema (its defaults fill the gaps)."""
-        from qes.config import complete
-
         task = complete(dict(task), "task", source="task settings")
         data = dict(task["dataset"])
         if not data.get("train"):
@@ -92,6 +92,27 @@ class DatasetSettings:
             user_template=prompt.get("user_template"), assistant_prefix=prompt.get("assistant_prefix") or "",
             few_shot=int(prompt.get("few_shot", 0)),
         )
+
+
+def config_conflicts(block: Mapping[str, Any], workdir: Path | None = None) -> list[str]:
+    """Data and reward files that do not exist, and a reward that names neither a built-in nor a function."""
+    workdir = workdir or Path.cwd()
+    problems = []
+    data = block.get("dataset") or {}
+    if not data.get("train"):
+        problems.append("task.dataset.train: a dataset task needs its training rows (a file, saved dataset, hf:<id>)")
+    for key in ("train", "eval"):
+        name = data.get(key)
+        if name and not name.startswith("hf:") and not (workdir / name).exists():
+            problems.append(f"task.dataset.{key}: {name} does not exist")
+    reward = block.get("reward")
+    if reward not in (None, *BUILTIN):
+        file, sep, function = reward.rpartition(":")
+        if not sep or not file.endswith(".py") or not function.isidentifier():
+            problems.append(f"task.reward: {reward!r} is neither one of {', '.join(BUILTIN)} nor <file>.py:<function>")
+        elif not (workdir / file).is_file():
+            problems.append(f"task.reward: {file} does not exist")
+    return problems
 
 
 def load_rows(source: str, base_dir: str | Path | None = None) -> list[dict[str, Any]]:
@@ -274,3 +295,40 @@ def read_rows(table: Any) -> list[DatasetRow]:
     if missing:
         raise TaskDataError(f"dataset task file: missing columns {missing}")
     return [DatasetRow(r["id"], r["reference"], json.loads(r["fields"]), r["prompt"]) for r in table.to_pylist()]
+
+
+@register
+class Dataset(TaskKind):
+    """A task from your own rows, as the registry knows it."""
+
+    name = "dataset"
+    title = "dataset"
+
+    def config_conflicts(self, block: Mapping[str, Any], workdir: Path | None = None) -> list[str]:
+        return config_conflicts(block, workdir)
+
+    def input_files(self, block: Mapping[str, Any]) -> list[str]:
+        data = block.get("dataset") or {}
+        reward = block.get("reward") or ""
+        files = [data.get("train"), data.get("eval"), reward.rpartition(":")[0] if ".py:" in reward else None]
+        return [name for name in files if name and not name.startswith("hf:")]
+
+    def make_data(self, block: Mapping[str, Any], tokenizer: Any, train_path: str | Path, eval_path: str | Path,
+                  base_dir: str | Path | None = None) -> dict[str, Any]:
+        values = complete_block(block, config_conflicts, Path(base_dir) if base_dir else None)
+        return make_task_data(DatasetSettings.from_block(values), tokenizer, train_path, eval_path, base_dir)
+
+    def read_file(self, path: str | Path, limit: int | None = None) -> tuple[list[Any], list[str], list[str]]:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        table = table.slice(0, limit) if limit is not None else table
+        rows = read_rows(table)
+        return rows, [row.prompt for row in rows], table.column("assistant_prefix").to_pylist()
+
+    def scorer(self, meta: Mapping[str, Any], base_dir: str | Path | None = None) -> Task:
+        return dataset_task(meta, base_dir)
+
+    def reward_description(self, meta: Mapping[str, Any]) -> str:
+        reward = meta.get("reward") or "exact_match"
+        return DESCRIPTIONS.get(reward, f"the user function `{reward}` (sha256 `{meta.get('reward_sha256')}`)")

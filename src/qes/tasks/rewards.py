@@ -28,12 +28,20 @@ from pathlib import Path
 from typing import Any
 
 from qes.tasks.base import RewardRecord
+from qes.tasks.countdown.reward import DESCRIPTION as COUNTDOWN_DESCRIPTION
+from qes.tasks.countdown.reward import reward as countdown_reward
 
 FORMAT_WEIGHT = 0.1
 CORRECT_WEIGHT = 1.0
 MAX_COMPLETION_CHARS = 8192
 MAX_ANSWER_CHARS = 256
 BUILTIN = ("exact_match", "numeric", "countdown")
+#: each built-in reward in a sentence, for the model card
+DESCRIPTIONS = {
+    "exact_match": "1 when the answer equals the reference (normalised), 0.1 for giving an answer at all",
+    "numeric": "1 when the answer's last number equals the reference number, 0.1 for giving a number at all",
+    "countdown": COUNTDOWN_DESCRIPTION,
+}
 
 _ANSWER_OPEN, _ANSWER_CLOSE = "<answer>", "</answer>"
 # A number: optional sign, digits with optional thousands separators, optional decimals. No nested
@@ -106,11 +114,10 @@ def numeric(completion: str, reference: str, tolerance: float = 1e-6) -> RewardR
 
 def countdown_row(completion: str, reference: str, fields: Mapping[str, Any], prefix: str) -> RewardRecord:
     """The Countdown reward of a dataset row with a ``numbers`` field; the reference is the target."""
-    from qes.tasks.countdown.reward import reward
-
     if "numbers" not in fields:
         raise RewardError("countdown reward: the row has no 'numbers' field (list it in task.dataset.fields)")
-    return reward(completion[:MAX_COMPLETION_CHARS], [int(n) for n in fields["numbers"]], int(reference), prefix)
+    numbers = [int(n) for n in fields["numbers"]]
+    return countdown_reward(completion[:MAX_COMPLETION_CHARS], numbers, int(reference), prefix)
 
 
 def file_sha256(spec: str, base_dir: str | Path | None = None) -> str | None:

@@ -1,28 +1,23 @@
 """Countdown: reach a target with + - * / using each given number exactly once.
 
-Split by idea: :mod:`~qes.tasks.countdown.problems` (generator and JSON loader),
-:mod:`~qes.tasks.countdown.prompt` (chat prompts with worked examples) and
-:mod:`~qes.tasks.countdown.reward` (answer parser and reward). This module holds the task stage: the
-``task`` settings, the task data files and :data:`TASK`, Countdown behind the task interface of
-:mod:`qes.tasks.base`.
+Split by idea: :mod:`~qes.tasks.countdown.problems` (the problem type and JSON loader),
+:mod:`~qes.tasks.countdown.generator` (seeded problems), :mod:`~qes.tasks.countdown.prompt` (chat prompts
+with worked examples), :mod:`~qes.tasks.countdown.reward` (answer parser and reward),
+:mod:`~qes.tasks.countdown.settings` (the ``task`` block and its rules) and
+:mod:`~qes.tasks.countdown.calibration` (the problems the quantize stage calibrates on). This module holds
+the task stage: the task data files, :data:`TASK` (Countdown behind the task interface of
+:mod:`qes.tasks.base`) and :class:`Countdown`, the task as the registry knows it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qes.tasks.base import RewardRecord, Task
-from qes.tasks.countdown.problems import (
-    CountdownConfig,
-    Problem,
-    TaskDataError,
-    check_disjoint,
-    generate_split,
-    load_problems_json,
-)
+from qes.tasks.base import RewardRecord, Task, TaskKind
+from qes.tasks.countdown.generator import CountdownConfig, generate_split
+from qes.tasks.countdown.problems import Problem, TaskDataError, check_disjoint, load_problems_json
 from qes.tasks.countdown.prompt import (
     ASSISTANT_PREFIX,
     DEMONSTRATIONS,
@@ -36,6 +31,7 @@ from qes.tasks.countdown.prompt import (
 )
 from qes.tasks.countdown.reward import (
     CORRECT_WEIGHT,
+    DESCRIPTION,
     FORMAT_WEIGHT,
     MAX_ANSWER_CHARS,
     MAX_BITS,
@@ -49,14 +45,16 @@ from qes.tasks.countdown.reward import (
     format_ok,
     reward,
 )
+from qes.tasks.countdown.settings import TaskSettings, config_conflicts
+from qes.tasks.registry import register
 
 __all__ = [
     "ASSISTANT_PREFIX", "CORRECT_WEIGHT", "DEMONSTRATIONS", "FORMAT_WEIGHT", "MAX_ANSWER_CHARS", "MAX_BITS",
     "MAX_DEPTH", "MAX_LITERAL_DIGITS", "STOP_STRINGS", "SYSTEM_PROMPT", "TASK", "TASK_COLUMNS", "USER_TEMPLATE",
-    "AnswerError", "CountdownConfig", "Demonstration", "Problem", "PromptStyle", "RewardRecord", "TaskDataError",
-    "TaskSettings", "_assistant_message", "_user_message", "build_prompt", "check_answer", "check_disjoint",
-    "evaluate_expression", "extract_answer", "format_ok", "generate_split", "load_problems_json", "make_task_data",
-    "read_task_parquet", "reward", "task_problems", "write_task_parquet",
+    "AnswerError", "Countdown", "CountdownConfig", "Demonstration", "Problem", "PromptStyle", "RewardRecord",
+    "TaskDataError", "TaskSettings", "_assistant_message", "_user_message", "build_prompt", "check_answer",
+    "check_disjoint", "evaluate_expression", "extract_answer", "format_ok", "generate_split", "load_problems_json",
+    "make_task_data", "read_task_parquet", "reward", "task_problems", "write_task_parquet",
 ]
 
 
@@ -111,61 +109,6 @@ def read_task_parquet(path: str | Path, limit: int | None = None) -> tuple[list[
     return problems, [r["prompt"] for r in rows], [r["assistant_prefix"] for r in rows]
 
 
-@dataclass(frozen=True)
-class TaskSettings:
-    """The ``task`` block of the workflow config: which problems, and how they are prompted.
-
-    ``train_file`` / ``eval_file`` (JSON, see :func:`load_problems_json`) replace the generated split
-    of the same name; the first ``train_size`` / ``eval_size`` entries are used.
-    """
-
-    name: str = "countdown"
-    generator: CountdownConfig = CountdownConfig()
-    prompt: PromptStyle = PromptStyle()
-    train_file: str | None = None
-    eval_file: str | None = None
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TaskSettings:
-        """Build from the config's ``task`` block, validated by the config schema (its defaults fill the gaps)."""
-        from qes.config import ConfigError, complete, task_conflicts
-
-        values = complete(dict(values), "task", source="task settings")
-        conflicts = task_conflicts(values)
-        if conflicts:
-            raise ConfigError("invalid task settings:\n  " + "\n  ".join(conflicts))
-        gen_keys = set(CountdownConfig.__dataclass_fields__)
-        top_keys = {"name", "train_file", "eval_file", "prompt", "reward", "tolerance", "dataset"}  # last 3: datasets
-        unknown = sorted(set(values) - gen_keys - top_keys)
-        if unknown:
-            raise ValueError(f"unknown task setting(s): {', '.join(unknown)}")
-        prompt = {k: v for k, v in (values.get("prompt") or {}).items() if v is not None}  # null: built-in
-        unknown = sorted(set(prompt) - {"system", "user_template", "assistant_prefix", "few_shot"})
-        if unknown:
-            raise ValueError(f"unknown task.prompt setting(s): {', '.join(unknown)}")
-        few_shot = int(prompt.pop("few_shot", len(DEMONSTRATIONS)))
-        if not 0 <= few_shot <= len(DEMONSTRATIONS):
-            raise ValueError(f"task.prompt.few_shot must lie in [0, {len(DEMONSTRATIONS)}], got {few_shot}")
-        style = PromptStyle(**prompt, examples=DEMONSTRATIONS[:few_shot])
-        try:
-            _user_message(style, DEMONSTRATIONS[0].problem)
-        except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(
-                "task.prompt.user_template may only use the fields {target}, {numbers} and {numbers_text}"
-                f" ({type(e).__name__}: {e})"
-            ) from None
-        name = values.get("name", "countdown")
-        if name != "countdown":
-            raise ValueError(f"unknown task {name!r} (known: countdown)")
-        return cls(
-            name=name,
-            generator=CountdownConfig(**{k: values[k] for k in gen_keys if k in values}),
-            prompt=style,
-            train_file=values.get("train_file"),
-            eval_file=values.get("eval_file"),
-        )
-
-
 def task_problems(settings: TaskSettings) -> tuple[list[Problem], list[Problem]]:
     """Train and held-out problems of ``settings``, checked disjoint.
 
@@ -201,3 +144,32 @@ def make_task_data(
             "prompt_chars_max": max((len(p) for p in prompts), default=0),
         }
     return summary
+
+
+@register
+class Countdown(TaskKind):
+    """Countdown as the registry knows it. Its task data files carry no task description (they predate
+    one), so a file without one reads as Countdown's."""
+
+    name = "countdown"
+    title = "Countdown"
+
+    def config_conflicts(self, block: Mapping[str, Any], workdir: Path | None = None) -> list[str]:
+        return config_conflicts(block, workdir)
+
+    def input_files(self, block: Mapping[str, Any]) -> list[str]:
+        return [name for name in (block.get("train_file"), block.get("eval_file")) if name]
+
+    def make_data(self, block: Mapping[str, Any], tokenizer: Any, train_path: str | Path, eval_path: str | Path,
+                  base_dir: str | Path | None = None) -> dict[str, Any]:
+        return make_task_data(TaskSettings.from_dict(block), tokenizer, train_path, eval_path)
+
+    def read_file(self, path: str | Path, limit: int | None = None) -> tuple[list[Any], list[str], list[str]]:
+        problems, prompts, prefixes = read_task_parquet(path, limit)
+        return list(problems), prompts, prefixes
+
+    def scorer(self, meta: Mapping[str, Any], base_dir: str | Path | None = None) -> Task:
+        return TASK
+
+    def reward_description(self, meta: Mapping[str, Any]) -> str:
+        return DESCRIPTION

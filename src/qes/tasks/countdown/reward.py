@@ -39,6 +39,8 @@ MAX_ANSWER_CHARS = 256
 MAX_DEPTH = 32
 MAX_LITERAL_DIGITS = 9
 MAX_BITS = 256
+#: the reward in a sentence, for the model card
+DESCRIPTION = "1 for a correct equation inside `<answer>` tags, 0.1 for the right format only, 0 otherwise"
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
