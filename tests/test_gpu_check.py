@@ -55,7 +55,8 @@ def test_tiny_on_cpu(tmp_path):
     assert sum(1 for line in lines if line.startswith("|---")) == 1, "one table"
 
     rows = table_rows(result.stdout, "tiny")
-    cpu_hash = row(rows, "codes hash after")[0]
+    assert "lm_head tied to the embeddings" in row(rows, "model")[0]
+    cpu_hash = row(rows, "codes hash after 2 fixed steps")[0]
     run_value, _, run_ok = row(rows, "codes hash, device run")
     replay_value, _, replay_ok = row(rows, "codes hash, device replay")
     assert HEX64.match(cpu_hash)
@@ -64,6 +65,13 @@ def test_tiny_on_cpu(tmp_path):
     base_cpu, base_device = row(rows, "base codes hash")[0].split(" / ")
     assert HEX64.match(base_cpu) and base_cpu == base_device
     assert cpu_hash != base_cpu, "the fixed steps changed the codes"
+
+    # past the residual window: 13 steps with K = 10, every layer in the reference at this size
+    window_cpu = row(rows, "codes hash after 13 fixed steps (window 10 full, 2 steps left it), CPU, 14/14 layers")[0]
+    window_run, _, window_ok = row(rows, "full-window codes hash, device run")
+    replayed, run_all = row(rows, "full-window codes hash, device replay / device run")[0].split(" / ")
+    assert HEX64.match(window_cpu) and window_cpu == window_run == replayed == run_all and window_ok == "ok"
+    assert window_cpu not in (cpu_hash, base_cpu), "the steps after the scored iterations changed the codes"
 
     dense_value, _, dense_ok = row(rows, "dense cache = full dequantization")
     layers = int(dense_value.split("/")[1].split()[0])
@@ -77,19 +85,35 @@ def test_tiny_on_cpu(tmp_path):
     [res] = data["sizes"]
     assert all(res["checks"].values()), res["checks"]
     assert res["hash_cpu"] == res["run_hash_device"] == res["replay_hash_device"] == cpu_hash
+    assert res["window_hash_cpu"] == res["window_ref_hash_device"] == res["window_hash_device"] == window_cpu
     assert res["steps"] >= 2 and res["changed_codes"] > 0
+    assert res["shapes"]["tied"] and res["tied_plain"] is res["tied_qes"] is True, "one tensor, in both builds"
+    assert res["window_steps"] == 13 and res["update_window"] == 10 and res["reference_layers"] == 14
     for key in ("qes_tokens_per_s", "plain_tokens_per_s", "throughput_ratio", "perturb_restore_s", "fitness_s",
                 "update_s", "perturb_restore_vs_fitness", "update_vs_fitness", "iteration_overhead",
                 "peak_rss_bytes", "replay_s_per_step_cpu", "logits_std"):
         assert math.isfinite(res[key]) and res[key] > 0, (key, res[key])
     assert res["qes_tokens"] == res["plain_tokens"] == 4 * 16, "every row generates all its tokens"
-    assert "memory_ratio" not in res and row(rows, "peak memory")[2] == "n/a", "no device memory on a CPU"
     # member batching: 4 members scored together; the first one's responses as when it is scored alone
     assert row(rows, "first member's responses, together = alone")[0] == "4/4 rows"
     assert res["member_group"] == 4 and res["plain_group_rows"] == 16
     for key in ("member_alone_s", "member_group_s", "member_group_vs_alone", "member_group_throughput_ratio"):
         assert math.isfinite(res[key]) and res[key] > 0, (key, res[key])
     assert row(rows, "4 members scored together")[2] == "n/a", "the group targets are for GPUs"
+
+    # training fitness: the same rewards and responses alone and batched, in float32
+    value, target, verdict = row(rows, "training fitness rewards, batched = alone")
+    assert value.startswith("4/4 members (16/16 responses;") and verdict == "ok"
+    assert res["train_fitness_members"] == 4 and res["train_fitness_rows"] == 16
+    assert res["train_fitness_prefix"] == 16, "the prompts' shared prefix is run once"
+    assert len(set(res["train_fitness_rewards"])) > 1, "the perturbations reach the rewards"
+    assert 0 < res["train_fitness_stopped_rows"] < 16, "some rows end at the stop string, some run to the end"
+    assert res["train_fitness_tokens"] < 16 * 16
+    assert res["train_fitness_alone_s"] > 0 and res["train_fitness_group_s"] > 0
+
+    # memory: no device memory on a CPU; the GPTQ tensors beside the dense cache hold under a byte per code
+    assert "memory_ratio" not in res and row(rows, "peak memory")[2] == "n/a"
+    assert res["codes"] // 2 <= res["codes_bytes"] < res["codes"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -99,5 +123,8 @@ def test_tiny_on_cuda_matches_cpu(tmp_path):
     assert res["base_hash_cpu"] == res["base_hash_device"]
     assert HEX64.match(res["hash_cpu"])
     assert res["hash_cpu"] == res["run_hash_device"] == res["replay_hash_device"]
+    assert res["window_hash_cpu"] == res["window_ref_hash_device"] == res["window_hash_device"]
+    assert res["replay_window_hash_device"] == res["window_hash_device"]
     assert res["dense_cache_exact_layers"] == res["dense_cache_layers"]
-    assert res["finite"] and res["memory_ratio"] > 0
+    assert res["finite"] and res["memory_ratio"] > 0 and res["update_scratch_bytes"] > 0
+    assert not res["train_fitness_skipped"] and res["train_fitness_rows"] == 16
