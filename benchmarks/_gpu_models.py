@@ -13,10 +13,14 @@ from typing import Any
 
 import torch
 
-from qes.codes import QuantLinear, Scheme, assemble_quantized, layer_key, pack_codes, quantized_linears
-from qes.fitness import PromptBatch
+from qes.backends.codes_only import CodesOnlyBackend
+from qes.backends.dense import dequantize_weight
+from qes.checkpoint import Scheme, assemble_quantized
+from qes.codes import LayerCodes, layer_key, quantized_linears
+from qes.generation import PromptBatch
 from qes.noise import hash32, member_seeds
-from qes.qlinear import CodesOnlyBackend, GPTQLinear, dequantize_weight
+from qes.packing import pack_codes
+from qes.qlinear import GPTQLinear
 from qes.tasks import RewardRecord, Task
 from qes.update import Step, alpha_fixed_point, quantize_coefficients, shape_rewards
 
@@ -336,7 +340,7 @@ def codes_bytes(model: torch.nn.Module) -> int:
     return sum(getattr(x.module, attr).nbytes for x in quantized_linears(model) for attr in GPTQ_TENSORS)
 
 
-def codes_only(size: Size, config: Any, device: torch.device, names: list[str] | None = None) -> list[QuantLinear]:
+def codes_only(size: Size, config: Any, device: torch.device, names: list[str] | None = None) -> list[LayerCodes]:
     """Fresh codes of every layer (or of ``names``) on ``device``, with no forward path and no float weights."""
     linears, _ = architecture(config)
     out = []
@@ -347,7 +351,7 @@ def codes_only(size: Size, config: Any, device: torch.device, names: list[str] |
         for attr, t in gptq_tensors(x.name, x.in_features, x.out_features, size.group, device).items():
             getattr(module, attr).copy_(t)
         module.use_backend(CodesOnlyBackend())
-        out.append(QuantLinear(x.name, module, BITS, x.in_features, x.out_features))
+        out.append(LayerCodes(x.name, module, BITS, x.in_features, x.out_features))
     return out
 
 

@@ -30,12 +30,14 @@ from _gpu_models import (
     training_members,
 )
 
-from qes.codes import QuantLinear, codes_sha256, describe_compute, quantized_linears
+from qes.backends.dense import dequantize_weight
+from qes.checkpoint import describe_compute
+from qes.codes import LayerCodes, quantized_linears
 from qes.engine import Engine, StepStats
-from qes.fitness import FitnessResult, GenerationConfig, PromptBatch, generate, generate_group, score, score_group
+from qes.generation import FitnessResult, GenerationConfig, PromptBatch, generate, generate_group, score, score_group
+from qes.identity import codes_sha256
 from qes.members import MemberGroup
 from qes.noise import NoiseSpec, member_seeds
-from qes.qlinear import dequantize_weight
 from qes.train import _score_members  # the member loop of training itself, one member or a group at a time
 from qes.update import Step, UpdateConfig
 
@@ -44,7 +46,7 @@ def note(message: str) -> None:
     print(f"[gpu_check {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def new_engine(layers: list[QuantLinear]) -> Engine:
+def new_engine(layers: list[LayerCodes]) -> Engine:
     return Engine(layers, NoiseSpec.from_sigma(SIGMA), UpdateConfig(mode="replay", window=WINDOW))
 
 
@@ -251,7 +253,7 @@ def member_phase(name: str, size: Size, model: torch.nn.Module, engine: Engine, 
 def training_fitness_phase(name: str, size: Size, model: torch.nn.Module, engine: Engine, clock: Clock,
                            deadline: float, fitness_s: float) -> dict[str, Any]:
     """The population scored as finetune scores it: ``fitness`` / ``group_fitness`` built as in qes.finetune
-    (qes.fitness.score / score_group, prefix cache per member, the prompts' shared prefix, the task's stop
+    (qes.generation.score / score_group, prefix cache per member, the prompts' shared prefix, the task's stop
     string) and run by training's member loop, one member at a time and all of them in one group."""
     batch = fitness_prompts(size)
     cfg = GenerationConfig(max_new_tokens=size.new_tokens, batch_size=len(batch))

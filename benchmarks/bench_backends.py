@@ -4,7 +4,7 @@
         --batch 16 --max-new-tokens 48 --repeats 2
 
 Each row loads the checkpoint with one (backend, dtype) pair and scores the same Countdown prompts as one
-training member does (``qes.fitness.score``: greedy, shared-prefix KV cache). After a warm-up round the rows run
+training member does (``qes.generation.score``: greedy, shared-prefix KV cache). After a warm-up round the rows run
 in rotating order, so load from other processes hits all alike; the table gives the median seconds per member,
 the median over rounds of each row's time relative to the ``auto`` row of the same round, the greedy
 completions that match the float32 dense row, and the time of one perturb + restore at the default sigma
@@ -20,9 +20,10 @@ import time
 
 import torch
 
-from qes.codes import describe_compute, load_quantized, quantized_linears
+from qes.checkpoint import describe_compute, load_quantized
+from qes.codes import quantized_linears
 from qes.engine import Engine
-from qes.fitness import GenerationConfig, make_batch, score
+from qes.generation import GenerationConfig, make_batch, score
 from qes.noise import NoiseSpec
 from qes.qlinear import cpu_runs_bf16_natively
 from qes.tasks.countdown import CountdownConfig, TaskSettings, build_prompt, generate_split

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from bench_seedlog import synthetic_log
 
-from qes.codes import load_quantized, quantized_linears
+from qes.checkpoint import load_quantized
+from qes.codes import quantized_linears
 from qes.engine import Engine
 from qes.noise import NoiseSpec, member_seeds
 from qes.update import Step, UpdateConfig, alpha_fixed_point, quantize_coefficients

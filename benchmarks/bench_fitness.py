@@ -4,7 +4,7 @@
         --batch 16 --max-new-tokens 48 --repeats 5
 
 All sides generate greedily from the same prompts (Countdown prompts of the default task settings, rendered with
-the checkpoint's chat template). The fitness sides are :func:`qes.fitness.score` -- padding, generation,
+the checkpoint's chat template). The fitness sides are :func:`qes.generation.score` -- padding, generation,
 decoding and the reward -- with the shared-prompt-prefix KV cache (the default) and without it. The plain side
 is one ``model.generate`` call on the left-padded prompts and nothing else. After one warm-up round the sides
 run in rotating order, so load from other processes hits all alike; the table gives medians of generated
@@ -22,8 +22,8 @@ from dataclasses import replace
 
 import torch
 
-from qes.codes import describe_compute, load_quantized
-from qes.fitness import GenerationConfig, generated_lengths, hf_generation_config, make_batch, score
+from qes.checkpoint import describe_compute, load_quantized
+from qes.generation import GenerationConfig, generated_lengths, hf_generation_config, make_batch, score
 from qes.tasks.countdown import CountdownConfig, TaskSettings, build_prompt, generate_split
 
 

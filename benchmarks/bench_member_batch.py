@@ -50,9 +50,10 @@ import json, sys, time
 from dataclasses import replace
 from pathlib import Path
 import torch
-from qes.codes import describe_compute, load_quantized, quantized_linears
+from qes.checkpoint import describe_compute, load_quantized
+from qes.codes import quantized_linears
 from qes.engine import Engine
-from qes.fitness import GenerationConfig, load_batch, score, score_group
+from qes.generation import GenerationConfig, load_batch, score, score_group
 from qes.members import MemberGroup
 from qes.noise import NoiseSpec, member_seeds
 from qes.qlinear import cpu_runs_bf16_natively

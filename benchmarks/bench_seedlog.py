@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 from qes.hparams import TrainConfig
+from qes.logchain import LoggedStep
 from qes.noise import NoiseSpec, member_seeds
-from qes.seedlog import LoggedStep, SeedLog
+from qes.seedlog import SeedLog
 from qes.update import Step, alpha_fixed_point, quantize_coefficients
 
 

@@ -18,9 +18,9 @@ from dataclasses import replace
 
 import torch
 
-from qes.codes import describe_compute, load_quantized
+from qes.checkpoint import describe_compute, load_quantized
 from qes.finetune import prompt_indices
-from qes.fitness import GenerationConfig, load_batch, score
+from qes.generation import GenerationConfig, load_batch, score
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """The ES engine's CPU time in two source trees, alternated in one run: perturb + restore of one member and
-one seed-replay update (window K = 10 filled), on a real GPTQ checkpoint.
+one member of a mirrored pair (both signs of one seed, per member), and one seed-replay update (window K = 10
+filled), on a real GPTQ checkpoint.
 
     git worktree add /tmp/qes-before <commit>
     python benchmarks/compare_engine.py --model results/quantized/smollm2-135m-instruct-w4g64 \
@@ -23,7 +24,11 @@ from pathlib import Path
 WORKER = r"""
 import json, statistics, sys, time
 import torch
-from qes.codes import load_quantized, quantized_linears
+try:
+    from qes.checkpoint import load_quantized
+except ImportError:  # trees from before the checkpoint module
+    from qes.codes import load_quantized
+from qes.codes import quantized_linears
 from qes.engine import Engine
 from qes.noise import NoiseSpec, member_seeds
 from qes.update import Step, UpdateConfig, alpha_fixed_point, quantize_coefficients
@@ -41,12 +46,17 @@ def step(t):
 
 for t in range(10):
     engine.apply(step(t))
-member, update = [], []
+member, pair, update = [], [], []
 for r in range(repeats):
     a = time.perf_counter(); p = engine.perturb(member_seeds(99, r, 1)[0], 1); engine.restore(p)
     member.append(time.perf_counter() - a)
+    a = time.perf_counter()
+    for sign in (1, -1):
+        p = engine.perturb(member_seeds(77, r, 1)[0], sign); engine.restore(p)
+    pair.append((time.perf_counter() - a) / 2)
     a = time.perf_counter(); engine.apply(step(10 + r)); update.append(time.perf_counter() - a)
-print(json.dumps({"member": statistics.median(member), "update": statistics.median(update),
+print(json.dumps({"member": statistics.median(member), "pair": statistics.median(pair),
+                  "update": statistics.median(update),
                   "codes": engine.codes_sha256()}))
 """
 
@@ -73,10 +83,11 @@ def main() -> None:
     codes = {r["codes"] for rows in results.values() for r in rows}
     print("| phase | before (s) | after (s) | after / before |")
     print("| --- | --- | --- | --- |")
-    for phase in ("member", "update"):
+    labels = {"member": "perturb + restore, one member", "pair": "perturb + restore, per member of a mirrored pair",
+              "update": "seed-replay update (K = 10)"}
+    for phase, label in labels.items():
         before = statistics.median(r[phase] for r in results["before"])
         after = statistics.median(r[phase] for r in results["after"])
-        label = "perturb + restore, one member" if phase == "member" else "seed-replay update (K = 10)"
         print(f"| {label} | {before:.3f} | {after:.3f} | {after / before:.2f}x |")
     print(f"\nsame codes hash in both trees: {'yes' if len(codes) == 1 else 'NO'} ({sorted(codes)[0][:12]}…)")
 

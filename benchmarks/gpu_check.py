@@ -15,7 +15,7 @@ checked.
 Per size, in this order:
 
 1. **plain**: a vanilla transformers model whose linears are ordinary ``torch.nn.Linear`` layers holding the
-   dequantized weights, alone on the device; greedy batched generation (:func:`qes.fitness.generate`) of
+   dequantized weights, alone on the device; greedy batched generation (:func:`qes.generation.generate`) of
    synthetic prompts that every row answers in full; tokens/s and peak memory.
 2. **QES run**: the GPTQ model (backend ``dense``: bf16 on CUDA) alone on the device, and the engine
    (seed-replay residual, K = 10). ``steps`` iterations of a fixed schedule: each member is perturbed, scored
@@ -28,8 +28,8 @@ Per size, in this order:
    plain model generating the same number of rows in one call: on a GPU the group should cost at most 3x one
    member and reach 70% of the plain rows' tokens/s.
 4. **training fitness**: the population scored as finetune scores it, through training's own member loop with
-   ``fitness`` / ``group_fitness`` built as :mod:`qes.finetune` builds them (:func:`qes.fitness.score` /
-   :func:`~qes.fitness.score_group`, prefix cache per member), on prompts that share a long prefix under a task
+   ``fitness`` / ``group_fitness`` built as :mod:`qes.finetune` builds them (:func:`qes.generation.score` /
+   :func:`~qes.generation.score_group`, prefix cache per member), on prompts that share a long prefix under a task
    with a stop string: every member alone, then all of them in one group. Rewards and responses must agree
    (in float32; bf16 rounds the batched correction differently, so there they are only reported).
 5. After all of it, every layer's dense cache is compared with a full dequantization of its current codes, bit
@@ -87,7 +87,7 @@ from _gpu_models import ALPHA, SIGMA, SIZES, STOP_TEXT, WINDOW, Size, hf_config,
 from _gpu_phases import Clock, note, plain_phase, qes_phase, replay_codes
 
 from qes import _env  # noqa: F401  (environment defaults only; GPTQModel is never imported here)
-from qes.fitness import GenerationConfig
+from qes.generation import GenerationConfig
 from qes.qlinear import compute_dtype
 
 TARGET_THROUGHPUT = 0.70
@@ -264,7 +264,7 @@ def speed_rows(res: dict[str, Any]) -> list[Row]:
 
 
 def training_fitness_rows(res: dict[str, Any]) -> list[Row]:
-    what = "training fitness (qes.fitness.score / score_group)"
+    what = "training fitness (qes.generation.score / score_group)"
     if res["train_fitness_skipped"]:
         return [(what, "skipped: past the budget", "", "n/a")]
     p, s = res["train_fitness_members"], res["shapes"]

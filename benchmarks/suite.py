@@ -4,7 +4,7 @@
         --train results/data/countdown/train.parquet --run-dir results/runs/default --out docs/BENCHMARKS.md
 
 P1  ES overhead: (P x (perturb + restore) + update) / (P x fitness) per iteration, seed-replay and stored modes.
-P2  fitness throughput (qes.fitness.score) vs one plain `model.generate` of the same batch and length.
+P2  fitness throughput (qes.generation.score) vs one plain `model.generate` of the same batch and length.
 P3  peak memory (RSS; CUDA max allocated on GPU) of a short finetune vs plain quantized inference of the same
     batch, each in a fresh process.
 P4  replay of a whole finished run (--run-dir) vs its training wall time.
@@ -70,8 +70,9 @@ def perturb_restore_seconds(layers, sigma: float, repeats: int) -> float:
 
 
 def overhead_and_throughput(model_dir: Path, train: Path, batch: int, new_tokens: int, repeats: int) -> tuple[str, str]:
-    from qes.codes import load_quantized, quantized_linears
-    from qes.fitness import GenerationConfig, hf_generation_config, load_batch, score
+    from qes.checkpoint import load_quantized
+    from qes.codes import quantized_linears
+    from qes.generation import GenerationConfig, hf_generation_config, load_batch, score
 
     model, tokenizer = load_quantized(model_dir, backend="auto")
     prompts = load_batch(tokenizer, train, batch)
@@ -120,8 +121,8 @@ _MEMORY_CHILD = r"""
 import json, sys, tempfile
 from pathlib import Path
 import torch
-from qes.codes import load_quantized
-from qes.fitness import GenerationConfig, load_batch, score
+from qes.checkpoint import load_quantized
+from qes.generation import GenerationConfig, load_batch, score
 from qes.finetune import finetune, finetune_config
 
 def reset_peak():  # Linux: "5" resets the high-water mark VmHWM to the current RSS
@@ -178,7 +179,7 @@ def memory(model_dir: Path, train: Path, batch: int, new_tokens: int) -> str:
 def replay_vs_training(model_dir: Path, run_dir: Path) -> str:
     import pyarrow.parquet as pq
 
-    from qes.codes import load_quantized
+    from qes.checkpoint import load_quantized
     from qes.replay import engine_for_log, replay_steps
     from qes.seedlog import SeedLog
 
@@ -206,7 +207,7 @@ def replay_vs_training(model_dir: Path, run_dir: Path) -> str:
 
 def synthetic_layers(total_codes: int, width: int = 2048):
     """GPTQ-layout INT4 layers adding up to about `total_codes`, their words drawn from the counter hash."""
-    from qes.codes import QuantLinear
+    from qes.codes import LayerCodes
     from qes.noise import hash32
 
     layers = []
@@ -215,7 +216,7 @@ def synthetic_layers(total_codes: int, width: int = 2048):
         module = torch.nn.Module()
         draws = hash32(torch.arange(i * words, (i + 1) * words, dtype=torch.int64))  # in [0, 2^32)
         module.qweight = (draws - (1 << 31)).to(torch.int32).view(width // 8, width)
-        layers.append(QuantLinear(f"layer.{i:03d}", module, 4, width, width))
+        layers.append(LayerCodes(f"layer.{i:03d}", module, 4, width, width))
     return layers
 
 

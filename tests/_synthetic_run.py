@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from qes.codes import load_quantized, quantized_linears
+from qes.checkpoint import load_quantized
+from qes.codes import quantized_linears
 from qes.dist import close_ranks, init_ranks
 from qes.hparams import TrainConfig
 from qes.train import train

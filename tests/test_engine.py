@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qes.codes import codes_sha256, load_quantized, pack_codes, quantized_linears
+from qes.checkpoint import load_quantized
+from qes.codes import quantized_linears
 from qes.engine import Engine
+from qes.identity import codes_sha256
 from qes.noise import NoiseSpec
+from qes.packing import pack_codes
 from qes.update import (
     ALPHA_BITS,
     COEF_BITS,
@@ -231,3 +234,21 @@ def test_backends_follow_the_same_codes(tiny_gptq) -> None:
             trace.append(engine.codes_sha256())
         hashes[backend] = trace
     assert hashes["dense"] == hashes["int4pack"]
+
+
+def test_noise_memo_returns_the_generated_noise_and_keeps_the_newest_seeds(tiny_gptq) -> None:
+    from qes.engine import NoiseMemo
+    from qes.noise import table_noise
+
+    engine = Engine(quantized_linears(_model(tiny_gptq)), NoiseSpec.from_sigma(0.3), UpdateConfig())
+    table = engine.chunks[0].table
+    memo = NoiseMemo(engine.noise)
+    for seed in (5, 6, 5):
+        index, delta = memo.get(table, seed)
+        want_index, want_delta = table_noise(engine.noise, seed, table)
+        assert torch.equal(index, want_index) and torch.equal(delta, want_delta) and delta.dtype == torch.int64
+    assert [seed for _, seed in memo.entries] == [6, 5]  # most recently used last
+    one_seed = memo._bytes() // 2
+    memo.budget = one_seed
+    memo.get(table, 7)
+    assert [seed for _, seed in memo.entries] == [7]  # over budget: only the newest stays

@@ -20,7 +20,8 @@ import pytest
 from _synthetic_run import CFG, fitness_of
 from test_log_integrity import rechain, rewrite_step
 
-from qes.codes import load_quantized, quantized_linears
+from qes.checkpoint import load_quantized
+from qes.codes import quantized_linears
 from qes.replay import replay_checkpoint
 from qes.seedlog import SeedLog, SeedLogError
 from qes.train import train

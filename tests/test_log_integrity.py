@@ -21,11 +21,13 @@ import pyarrow.parquet as pq
 import pytest
 from _synthetic_run import fitness_of
 
-from qes.codes import load_quantized, quantized_linears
+from qes.checkpoint import load_quantized
+from qes.codes import quantized_linears
 from qes.fsutil import file_hashes
 from qes.hparams import TrainConfig
+from qes.logchain import PREV_KEY, RECORD_KEY, STEP_SCHEMA, record_sha256
 from qes.replay import ReplayMismatch, replay_checkpoint
-from qes.seedlog import PREV_KEY, RECORD_KEY, STEP_SCHEMA, SeedLog, SeedLogError, record_sha256
+from qes.seedlog import SeedLog, SeedLogError
 from qes.train import train
 from qes.update import UpdateConfig
 
@@ -73,7 +75,7 @@ def rewrite_step(log: Path, iteration: int, rows: Callable[[dict], None] | None 
 def rechain(log: Path, start: int) -> None:
     """What a forger who knows the format does: recompute every hash from `start` on (and final.json)."""
     seedlog_meta = json.loads((log / "run.json").read_text())
-    from qes.seedlog import canonical_sha256
+    from qes.logchain import canonical_sha256
 
     prev = canonical_sha256(seedlog_meta)
     count = len(list((log / "steps").glob("it-*.parquet")))
@@ -289,7 +291,7 @@ def test_altered_base_is_refused_naming_the_part(run, tmp_path: Path, suffix, co
 
 
 def test_replayed_checkpoint_carries_the_base_parts(run, tmp_path: Path) -> None:
-    from qes.codes import checkpoint_parts
+    from qes.identity import checkpoint_parts
 
     base, run_dir, final = run
     replay_checkpoint(base, run_dir, tmp_path / "out")
@@ -390,7 +392,7 @@ def test_finetune_refuses_a_folder_that_is_not_a_seed_log(tiny_gptq, tmp_path: P
     folder = tmp_path / "taken"
     folder.mkdir()
     (folder / "data.csv").write_text("a,b\n")
-    from qes.codes import base_identity
+    from qes.identity import base_identity
 
     with pytest.raises(SeedLogError, match="holds files but no seed log"):
         open_or_create(folder, CFG, quantized_linears(model), base_identity(model), {})
@@ -398,7 +400,7 @@ def test_finetune_refuses_a_folder_that_is_not_a_seed_log(tiny_gptq, tmp_path: P
 
 
 def test_base_identity_is_independent_of_load_dtype_and_backend(tiny_gptq) -> None:
-    from qes.codes import base_identity
+    from qes.identity import base_identity
 
     a, _ = load_quantized(tiny_gptq(4), backend="none")
     b, _ = load_quantized(tiny_gptq(4), dtype="bfloat16", backend="dense")

@@ -12,10 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from qes.codes import codes_sha256, load_quantized, quantized_linears
+from qes.checkpoint import load_quantized
+from qes.codes import quantized_linears
 from qes.engine import Engine
-from qes.fitness import GenerationConfig, make_batch, score, score_group
+from qes.generation import GenerationConfig, make_batch, score, score_group
 from qes.hparams import FinetuneConfig, TrainConfig, resolve_member_batch
+from qes.identity import codes_sha256
 from qes.members import MemberGroup
 from qes.noise import NoiseSpec, member_seeds
 from qes.replay import engine_for_log, replay_steps

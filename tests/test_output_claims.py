@@ -21,9 +21,10 @@ import pytest
 from _synthetic_run import CFG, fitness_of
 
 from qes import claims
-from qes.codes import load_quantized, quantized_linears
+from qes.checkpoint import load_quantized
+from qes.codes import quantized_linears
 from qes.fsutil import file_hashes, write_file_atomic
-from qes.seedlog import write_atomic
+from qes.logchain import write_atomic
 from qes.train import train
 
 # `python -c` body: run `qes ARGS`, stopping (SIGSTOP) once right after the output was claimed.

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from qes import codes as qc
+from qes.checkpoint import load_quantized
+from qes.codes import quantized_linears
+from qes.identity import codes_sha256
 from qes.quantize import QuantizeConfig, quantize_model
 from qes.quantize.calibration import builtin_calibration_prompts, builtin_heldout_prompts
 from qes.quantize.preflight import check_group_size, linear_in_features
@@ -119,9 +121,9 @@ def test_report_of_tiny_quantization(tiny_gptq_dir: Path) -> None:
     assert 0.0 <= quality["next_token_agreement"] <= 1.0
     assert 0.0 < quality["relative_logit_error"] < 1.0
     assert set(report["timings"]) >= {"load_s", "quantize_s", "save_s", "evaluate_s", "total_s"}
-    model, _ = qc.load_quantized(tiny_gptq_dir)
-    assert qc.codes_sha256(model) == report["codes_sha256"]
-    assert {layer.bits for layer in qc.quantized_linears(model)} == {report["bits"]}
+    model, _ = load_quantized(tiny_gptq_dir)
+    assert codes_sha256(model) == report["codes_sha256"]
+    assert {layer.bits for layer in quantized_linears(model)} == {report["bits"]}
 
 
 def test_int8_is_closer_to_float_than_int4(tiny_gptq) -> None:

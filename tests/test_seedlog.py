@@ -10,8 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from qes.codes import codes_sha256, load_quantized, quantized_linears
+from qes.checkpoint import load_quantized
+from qes.codes import quantized_linears
 from qes.hparams import TrainConfig
+from qes.identity import codes_sha256
 from qes.replay import engine_for_log, replay_checkpoint, replay_steps
 from qes.seedlog import SeedLog, SeedLogError
 from qes.train import train

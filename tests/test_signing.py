@@ -17,8 +17,9 @@ import pytest
 from _synthetic_run import fitness_of
 from test_log_integrity import CFG, _add, rechain, rewrite_step
 
+from qes.checkpoint import load_quantized
 from qes.cli import main
-from qes.codes import load_quantized, quantized_linears
+from qes.codes import quantized_linears
 from qes.export import export_run
 from qes.replay import replay_checkpoint
 from qes.seedlog import SeedLog

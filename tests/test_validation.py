@@ -227,7 +227,8 @@ def test_a_run_that_cannot_resume_is_refused_while_planning(workdir: Path, tiny_
     """A finished run's outputs survive a config change that its seed log refuses."""
     from _synthetic_run import fitness_of
 
-    from qes.codes import load_quantized, quantized_linears
+    from qes.checkpoint import load_quantized
+    from qes.codes import quantized_linears
     from qes.train import train
 
     model, _ = load_quantized(tiny_gptq(4), backend="dense")
@@ -264,7 +265,8 @@ def test_experiment_logs_live_where_the_config_says(workdir: Path, tiny_gptq) ->
     """experiments.log_dir points the experiment runs at committed seed logs; they are checked while planning."""
     from _synthetic_run import fitness_of
 
-    from qes.codes import load_quantized, quantized_linears
+    from qes.checkpoint import load_quantized
+    from qes.codes import quantized_linears
     from qes.train import train
 
     model, _ = load_quantized(tiny_gptq(4), backend="dense")

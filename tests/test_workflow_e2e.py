@@ -80,11 +80,12 @@ def test_quantized_model_generates_with_plain_transformers(workflow_run: Path) -
 
 
 def test_codes_identity_matches_report(workflow_run: Path) -> None:
-    from qes import codes as qc
+    from qes.checkpoint import load_quantized
+    from qes.identity import codes_sha256
 
-    model, _ = qc.load_quantized(workflow_run / QUANTIZED)
+    model, _ = load_quantized(workflow_run / QUANTIZED)
     report = json.loads((workflow_run / QUANTIZED / "quant_report.json").read_text())
-    assert qc.codes_sha256(model) == report["codes_sha256"]
+    assert codes_sha256(model) == report["codes_sha256"]
 
 
 # The two CPU backends of the default model on 64 held-out Countdown prompts: dense in float32, and int4pack as
@@ -101,7 +102,7 @@ MIN_NEXT_TOKEN_AGREEMENT = 0.97
 
 def _heldout_batch(tokenizer):
     """The first BACKEND_PROMPTS held-out Countdown problems of the default task, prompted for the model."""
-    from qes.fitness import make_batch
+    from qes.generation import make_batch
     from qes.tasks.countdown import CountdownConfig, TaskSettings, build_prompt, generate_split
 
     settings = TaskSettings()
@@ -114,13 +115,13 @@ def _heldout_batch(tokenizer):
 def test_backends_agree_on_heldout_prompts(workflow_run: Path) -> None:
     import torch
 
-    from qes import codes as qc
-    from qes.fitness import GenerationConfig, score
+    from qes.checkpoint import describe_compute, load_quantized
+    from qes.generation import GenerationConfig, score
 
     results, next_tokens = {}, {}
     for backend, dtype in (("dense", "float32"), ("int4pack", "auto")):
-        model, tokenizer = qc.load_quantized(workflow_run / QUANTIZED, dtype=dtype, backend=backend)
-        assert qc.describe_compute(model)["backends"] == {backend: 210}
+        model, tokenizer = load_quantized(workflow_run / QUANTIZED, dtype=dtype, backend=backend)
+        assert describe_compute(model)["backends"] == {backend: 210}
         batch = _heldout_batch(tokenizer)
         results[backend] = score(model, batch, GenerationConfig(max_new_tokens=48, batch_size=32))
         if backend == "dense":  # a stop string the model writes mid-response: its rows end right there
@@ -158,16 +159,17 @@ MIN_SAME_FLOAT32 = 0.95
 def test_member_batched_fitness_agrees_with_member_by_member(workflow_run: Path) -> None:
     import torch
 
-    from qes import codes as qc
+    from qes.checkpoint import load_quantized
+    from qes.codes import quantized_linears
     from qes.engine import Engine
-    from qes.fitness import GenerationConfig, score, score_group
+    from qes.generation import GenerationConfig, score, score_group
     from qes.members import MemberGroup
     from qes.noise import NoiseSpec, member_seeds
     from qes.update import UpdateConfig
 
-    model, tokenizer = qc.load_quantized(workflow_run / QUANTIZED, backend="dense", dtype="float32")
+    model, tokenizer = load_quantized(workflow_run / QUANTIZED, backend="dense", dtype="float32")
     batch = _heldout_batch(tokenizer)
-    engine = Engine(qc.quantized_linears(model), NoiseSpec.from_sigma(0.01), UpdateConfig())
+    engine = Engine(quantized_linears(model), NoiseSpec.from_sigma(0.01), UpdateConfig())
     members = [(s, sign) for s in member_seeds(0, 0, 2) for sign in (1, -1)]
     cfg = GenerationConfig(max_new_tokens=48, batch_size=BACKEND_PROMPTS)
     alone = []
@@ -208,7 +210,8 @@ def pipeline_run(workflow_run: Path) -> Path:
 def test_pipeline_outputs_and_exact_replay(pipeline_run: Path) -> None:
     import torch
 
-    from qes import codes as qc
+    from qes.checkpoint import load_quantized
+    from qes.identity import codes_sha256
     from qes.replay import engine_for_log, replay_steps
     from qes.seedlog import SeedLog
 
@@ -247,10 +250,10 @@ def test_pipeline_outputs_and_exact_replay(pipeline_run: Path) -> None:
     assert not json.loads((export / "generation_config.json").read_text()).get("do_sample", False)
 
     # The exported checkpoint's logits equal those of the base with the log applied in memory.
-    base, _ = qc.load_quantized(pipeline_run / QUANTIZED)
+    base, _ = load_quantized(pipeline_run / QUANTIZED)
     replay_steps(engine_for_log(base, seedlog), seedlog)
-    exported, tokenizer = qc.load_quantized(export)
-    assert qc.codes_sha256(exported) == summary["codes_sha256"]
+    exported, tokenizer = load_quantized(export)
+    assert codes_sha256(exported) == summary["codes_sha256"]
     ids = tokenizer("Using the numbers [3, 5], make 8.", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(base(ids).logits, exported(ids).logits)

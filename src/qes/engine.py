@@ -1,16 +1,18 @@
 """Perturb, restore and update the integer codes of a quantized model in place.
 
-`Engine` owns the code stores of every quantized linear and applies three operations to them:
+`Engine` owns the arenas (`qes.arena`) of every quantized linear and applies three operations to them:
 
 - `perturb(seed, sign)` adds sign * delta(seed) to the codes, skipping (gating) each code that would
   leave [0, max_code], and returns a small `Perturbation` holding just the gated positions;
-- `restore(p)` regenerates the same noise and subtracts it everywhere it was applied, so the codes
+- `restore(p)` takes the same noise and subtracts it everywhere it was applied, so the codes
   come back bit for bit without a copy of them ever being made;
 - `apply(step)` performs the fixed-point error-feedback update of qes.update.
 
 Layers are processed in chunks of about `chunk_codes` codes (whole layers, sorted by name), so the
 extra memory at any moment is a chunk's worth of noise and either the int16 residual (`stored` mode)
-or, during a `replay` update, about 9 bytes of scratch per code of one chunk. On a GPU the chunks are at
+or, during a `replay` update, about 9 bytes of scratch per code of one chunk. The noise of the seeds
+used last is kept (`NoiseMemo`, at most 64 MiB beyond the newest seed), so that a mirrored pair's perturb,
+restore and member corrections generate it once. On a GPU the chunks are at
 least `CUDA_CHUNK_CODES` codes: there each chunk costs a fixed number of kernel launches, so fewer, larger
 chunks are faster. No result depends on the chunking (the noise is a function of each layer alone).
 Training and replay call the very same `apply`, which is what makes replay exact.
@@ -26,10 +28,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qes.codes import QuantLinear, codes_sha256
+from qes.arena import Arena
+from qes.codes import LayerCodes
+from qes.identity import codes_sha256
 from qes.members import LayerDelta
 from qes.noise import BlockTable, NoiseSpec, table_noise
-from qes.store import Arena
 from qes.update import (
     GAMMA_BITS,
     RESIDUAL_BITS,
@@ -97,9 +100,35 @@ class StepStats:
         return self.changed / self.num_codes
 
 
+class NoiseMemo:
+    """The noise of the seeds used last, so that a member's perturb, restore and sparse correction (and the
+    mirrored member's) generate it once. Entries are what :func:`table_noise` returns, the deltas held as
+    int8 where they fit (9 bytes per non-zero); the oldest seeds go once ``budget`` bytes are passed, the
+    newest always stays.
+    """
+
+    def __init__(self, spec: NoiseSpec, budget: int = 64 << 20):
+        self.spec, self.budget = spec, budget
+        self.entries: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, table: BlockTable, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (id(table), seed)
+        entry = self.entries.pop(key, None)
+        if entry is None:
+            index, delta = table_noise(self.spec, seed, table)
+            entry = (index, delta.to(torch.int8) if self.spec.max_magnitude <= 127 else delta)
+        self.entries[key] = entry  # insertion order: newest last
+        while len(self.entries) > 1 and self._bytes() > self.budget:
+            del self.entries[next(iter(self.entries))]
+        return entry[0], entry[1].long()
+
+    def _bytes(self) -> int:
+        return sum(i.numel() * i.element_size() + d.numel() * d.element_size() for i, d in self.entries.values())
+
+
 @dataclass
 class Engine:
-    layers: list[QuantLinear]
+    layers: list[LayerCodes]
     noise: NoiseSpec
     update: UpdateConfig
     chunks: list[_Chunk] = field(init=False)
@@ -113,7 +142,7 @@ class Engine:
         if self.layers[0].qweight.device.type == "cuda":
             limit = max(limit, CUDA_CHUNK_CODES)
         self.chunks = []
-        group: list[QuantLinear] = []
+        group: list[LayerCodes] = []
         kind = None
         for layer in self.layers:
             backend = layer.module.backend
@@ -126,8 +155,9 @@ class Engine:
             kind = layer_kind
         self.chunks.append(self._chunk(group))
         self.history = deque(maxlen=self.update.window)
+        self._memo = NoiseMemo(self.noise)
 
-    def _chunk(self, layers: list[QuantLinear]) -> _Chunk:
+    def _chunk(self, layers: list[LayerCodes]) -> _Chunk:
         arena = Arena(layers)
         device = arena.flat.device
         chunk = _Chunk(arena, BlockTable.build([x.key for x in layers], [x.num_codes for x in layers], device))
@@ -148,7 +178,7 @@ class Engine:
         return time.perf_counter()
 
     def codes_sha256(self) -> str:
-        """The qes.codes.codes_sha256 of the current codes."""
+        """The qes.identity.codes_sha256 of the current codes."""
         return codes_sha256(self.layers)
 
     # --- perturb / restore -------------------------------------------------------------------------
@@ -156,7 +186,7 @@ class Engine:
     def _gated_noise(self, chunk: _Chunk, seed: int, sign: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """sign * delta(seed) on a chunk: (indices, deltas, inside) where inside marks the entries that keep
         their code in [0, max_code]; the others are gated (not perturbed)."""
-        index, delta = table_noise(self.noise, seed, chunk.table)
+        index, delta = self._memo.get(chunk.table, seed)
         delta = delta * sign
         target = chunk.arena.gather(index) + delta
         return index, delta, (target >= 0) & (target <= chunk.arena.max_code)
@@ -168,7 +198,7 @@ class Engine:
         for chunk in self.chunks:
             index, delta, inside = self._gated_noise(chunk, seed, sign)
             chunk.arena.add(index[inside], delta[inside])
-            gated.append(index[~inside])
+            gated.append(torch.nonzero(~inside).squeeze(1))
         return Perturbation(seed, sign, tuple(gated))
 
     @torch.no_grad()
@@ -191,9 +221,10 @@ class Engine:
     @_integer_threads()
     def restore(self, perturbation: Perturbation) -> None:
         for chunk, gated in zip(self.chunks, perturbation.gated):
-            index, delta = table_noise(self.noise, perturbation.seed, chunk.table)
-            if gated.numel():
-                keep = ~torch.isin(index, gated)
+            index, delta = self._memo.get(chunk.table, perturbation.seed)
+            if gated.numel():  # the same noise in the same order as in perturb: skip the gated entries
+                keep = torch.ones(index.numel(), dtype=torch.bool, device=index.device)
+                keep[gated] = False
                 index, delta = index[keep], delta[keep]
             chunk.arena.add(index, -perturbation.sign * delta)
 

@@ -1,4 +1,5 @@
-"""Held-out comparison of the base quantized model and the tuned one on the same prompts."""
+"""Held-out evaluation: a quantized model scored on held-out prompts, its metrics and examples written, and
+the base and tuned models compared on the same prompts."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from qes.fitness import GenerationConfig, evaluate_heldout, load_batch, require_quantized
+from qes.generation import FitnessResult, GenerationConfig, PromptBatch, load_batch, require_quantized, score
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,64 @@ class EvaluateConfig:
         return cls(**complete(values, "evaluate", source="evaluate settings"), device=device)
 
 
+def summarize(result: FitnessResult) -> dict[str, Any]:
+    """Held-out metrics of a scored batch."""
+    n = len(result.records)
+    return {
+        "n": n,
+        "accuracy": sum(r.correct for r in result.records) / n if n else 0.0,
+        "format_rate": sum(r.format_ok for r in result.records) / n if n else 0.0,
+        "mean_reward": result.mean_reward,
+        "generated_tokens": result.generated_tokens,
+        "generation_seconds": result.seconds,
+        "tokens_per_second": result.generated_tokens / result.seconds if result.seconds > 0 else 0.0,
+    }
+
+
+def write_examples(batch: PromptBatch, result: FitnessResult, path: str | Path) -> None:
+    """Per-example prompts, responses and rewards as Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    recs = result.records
+    rows = batch.rows
+    table = pa.table(
+        {
+            "id": [p.id for p in rows],
+            **batch.task.describe(rows),
+            "prompt": list(batch.prompts),
+            "response": result.responses,
+            "answer": [r.answer for r in recs],
+            "format_ok": [r.format_ok for r in recs],
+            "correct": [r.correct for r in recs],
+            "reward": [r.reward for r in recs],
+            "reason": [r.reason for r in recs],
+        }
+    )
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def evaluate_heldout(
+    model: Any,
+    batch: PromptBatch,
+    cfg: GenerationConfig,
+    metrics_path: str | Path,
+    examples_path: str | Path,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score ``batch`` and write ``metrics.json`` (plus ``extra`` keys) and the per-example Parquet."""
+    result = score(model, batch, cfg)
+    metrics = {**summarize(result), "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, **(extra or {})}
+    write_examples(batch, result, examples_path)
+    Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(metrics_path).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return metrics
+
+
 def load_for_evaluation(model_dir: str | Path, cfg: EvaluateConfig) -> tuple[Any, Any]:
     """The checkpoint loaded on the device, dtype and backend the evaluation settings ask for."""
-    from qes.codes import load_quantized
+    from qes.checkpoint import load_quantized
     from qes.finetune import resolve_device
 
     return load_quantized(model_dir, device=resolve_device(cfg.device), dtype=cfg.dtype, backend=cfg.backend)
@@ -49,7 +105,7 @@ def load_for_evaluation(model_dir: str | Path, cfg: EvaluateConfig) -> tuple[Any
 def evaluate_loaded(model: Any, tokenizer: Any, name: str, eval_parquet: str | Path, cfg: EvaluateConfig,
                     metrics_path: Path, examples_path: str | Path) -> dict:
     """Score a loaded quantized model greedily on the first ``cfg.limit`` rows of ``eval_parquet``."""
-    from qes.codes import describe_compute
+    from qes.checkpoint import describe_compute
 
     compute = describe_compute(model)
     logging.getLogger(__name__).info("evaluating %s on %s", name, compute)
@@ -62,6 +118,7 @@ def evaluate_loaded(model: Any, tokenizer: Any, name: str, eval_parquet: str | P
 
 def evaluate_model(model_dir: str | Path, eval_parquet: str | Path, cfg: EvaluateConfig,
                    metrics_path: Path, examples_path: str | Path) -> dict:
+    """Load the checkpoint at ``model_dir`` and score it as :func:`evaluate_loaded` does."""
     model, tokenizer = load_for_evaluation(model_dir, cfg)
     return evaluate_loaded(model, tokenizer, str(model_dir), eval_parquet, cfg, metrics_path, examples_path)
 

@@ -50,16 +50,20 @@ class Method:
 
     @classmethod
     def parse(cls, name: str) -> Method:
+        from qes.schema import allowed
+
+        widths = allowed(("quantize", "bits"))  # those the quantize stage makes
+        spelled = ", ".join(map(str, widths[:-1])) + f" or {widths[-1]}"
         match = _METHOD.match(name)
         if match is None or match["family"] not in MODES:
             raise ValueError(
                 f"experiments.methods: unknown method {name!r}; use quzo, stored or replay, optionally followed "
-                "by -k<window> (replay only) and -w<bits> (4 or 8), e.g. replay-k50 or replay-w8"
+                f"by -k<window> (replay only) and -w<bits> ({spelled}), e.g. replay-k50 or replay-w8"
             )
         if match["window"] and match["family"] != "replay":
             raise ValueError(f"experiments.methods: {name!r}: a window (-k) applies to replay only")
-        if match["bits"] and int(match["bits"]) not in (4, 8):
-            raise ValueError(f"experiments.methods: {name!r}: bits must be 4 or 8 (those the quantize stage makes)")
+        if match["bits"] and int(match["bits"]) not in widths:
+            raise ValueError(f"experiments.methods: {name!r}: bits must be {spelled} (those the quantize stage makes)")
         return cls(name, match["family"], int(match["window"]) if match["window"] else None,
                    int(match["bits"]) if match["bits"] else None)
 

@@ -1,7 +1,7 @@
 """The finetune stage: QES on a quantized checkpoint with the task's training prompts, in this process or as ranks.
 
 Iteration t scores its members on ``batch_prompts`` training prompts picked by :func:`prompt_indices` from
-(global seed, t), generating with the configured fitness path (:mod:`qes.fitness`); :func:`qes.train.train`
+(global seed, t), generating with the configured fitness path (:mod:`qes.generation`); :func:`qes.train.train`
 runs the population loop and keeps the seed log. :func:`run_finetune` starts the ranks when there are several.
 """
 
@@ -52,9 +52,10 @@ def finetune(
     on_iteration: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run (or resume) QES on a quantized checkpoint with the task's training prompts."""
-    from qes.codes import describe_compute, load_quantized, quantized_linears
+    from qes.checkpoint import describe_compute, load_quantized
+    from qes.codes import quantized_linears
     from qes.dist import close_ranks, init_ranks
-    from qes.fitness import GenerationConfig, load_batch, score, score_group
+    from qes.generation import GenerationConfig, load_batch, score, score_group
     from qes.train import train
 
     refuse_overlap(run_dir, {"model": quantized_dir, "train": train_parquet}, "--run-dir")

@@ -10,18 +10,14 @@ from pathlib import Path
 
 import torch
 
-from qes.codes import (
-    QuantLinear,
-    base_identity,
-    codes_sha256,
-    load_quantized,
-    quantized_linears,
-    save_quantized,
-)
+from qes.checkpoint import load_quantized, save_quantized
+from qes.codes import LayerCodes, quantized_linears
 from qes.engine import Engine
 from qes.faults import fault_point
 from qes.fsutil import refuse_overlap
-from qes.seedlog import LoggedStep, SeedLog, SeedLogError
+from qes.identity import base_identity, codes_sha256
+from qes.logchain import LoggedStep
+from qes.seedlog import SeedLog, SeedLogError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +26,7 @@ class ReplayMismatch(SeedLogError):
     """The codes after some iteration differ from the hash the log recorded there."""
 
 
-def layer_manifest(layers: list[QuantLinear]) -> list[dict]:
+def layer_manifest(layers: list[LayerCodes]) -> list[dict]:
     """Names, shapes and widths of the trained layers, as stored in run.json."""
     return [
         {"name": x.name, "out": x.out_features, "in": x.in_features, "bits": x.bits}

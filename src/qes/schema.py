@@ -66,6 +66,11 @@ def _subschema(path: Sequence[str]) -> dict:
     return node
 
 
+def allowed(path: Sequence[str]) -> tuple:
+    """The values the schema allows for the key at ``path`` (its ``enum``), e.g. ``("quantize", "bits")``."""
+    return tuple(_subschema(path)["enum"])
+
+
 def _describe(error: jsonschema.ValidationError, prefix: Sequence[str]) -> str:
     key = ".".join(str(p) for p in [*prefix, *error.absolute_path]) or "(top level)"
     return f"{key}: {error.message}"

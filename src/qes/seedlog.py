@@ -15,120 +15,45 @@ One directory per run::
     final.json          written once the run has finished: iterations, final codes_sha256, and the
                         hashes of run.json and of the last record
 
-The records form a hash chain: record t's hash covers every column, its iteration, its checkpoint and
-the hash of record t-1 (for t = 0, of run.json, which holds the base identity), and final.json holds
+The records form a hash chain (:mod:`qes.logchain`: the step files as stored), and final.json holds
 the last record's hash. Any edit, removal or reordering of a record, of run.json or of the tail of a
 finished log breaks the chain, and the reader names the first record at fault. The chain proves
 integrity, not authorship: whoever rewrites the whole chain can make a consistent log (there are no
-signatures).
+signatures; :mod:`qes.signing` adds them).
 
-Appends are crash-safe: a step file is written under a temporary name, flushed to disk and renamed,
-so a kill at any moment leaves either the complete file or none (stray temporary files are ignored
-and cleaned on resume). Parquet page checksums catch corrupted files.
+Appends are crash-safe: a kill at any moment leaves either the complete step file or none (stray
+temporary files are ignored and cleaned on resume).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from qes.faults import fault_point
-from qes.logform import FINAL_KEYS, RUN_KEYS, SeedLogError, check_checkpoint, check_form, read_bytes
+from qes.logchain import (
+    STEP_NAME,
+    LoggedStep,
+    canonical_sha256,
+    encode_record,
+    read_record,
+    step_name,
+    write_atomic,
+    write_json,
+    write_step,
+)
+from qes.logform import FINAL_KEYS, RUN_KEYS, SeedLogError, check_form
 from qes.logform import read_object as read_json
 from qes.noise import NoiseSpec, member_seeds
-from qes.update import Step, UpdateConfig, alpha_fixed_point, alpha_schedule
+from qes.update import UpdateConfig, alpha_fixed_point, alpha_schedule
 
 FORMAT = "qes-seedlog"
 VERSION = 2
-_STEP_NAME = re.compile(r"^it-(\d{8})\.parquet$")
-
-STEP_SCHEMA = pa.schema(
-    [
-        ("seed", pa.int32()),
-        ("sign", pa.int8()),
-        ("coef", pa.int32()),
-        ("alpha_fp", pa.int64()),
-        ("reward", pa.float32()),
-    ]
-)
-CHECKPOINT_KEY = b"qes.codes_sha256"
-ITERATION_KEY = b"qes.iteration"
-PREV_KEY = b"qes.prev_sha256"
-RECORD_KEY = b"qes.record_sha256"
-# Small files matter (the log is a run's artefact, target <= 1 KB an iteration at population 50):
-# no Arrow schema copy, no statistics, no dictionaries; page checksums catch corruption.
-_WRITE_OPTIONS = dict(
-    compression="zstd", store_schema=False, write_statistics=False, use_dictionary=False,
-    write_page_checksum=True,
-)
 REQUIRED_META = ("base_codes_sha256", "base", "layers", "noise", "update", "population", "global_seed", "train")
-
-
-@dataclass(frozen=True)
-class LoggedStep:
-    step: Step
-    rewards: tuple[float, ...]
-    checkpoint: str | None
-    record_sha256: str = field(default="", compare=False)
-
-
-def canonical_sha256(data: Any) -> str:
-    """sha256 of a JSON value in canonical form (sorted keys, no whitespace): formatting never counts."""
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def record_sha256(prev: str, iteration: int, rows: dict[str, list], checkpoint: str | None) -> str:
-    """Hash of one step record: every column as stored (rewards as float32 values), the iteration,
-    the checkpoint and the previous record's hash."""
-    return canonical_sha256(
-        {
-            "prev": prev,
-            "iteration": iteration,
-            "checkpoint": checkpoint,
-            **{name: rows[name] for name in STEP_SCHEMA.names},
-        }
-    )
-
-
-def write_atomic(path: Path, write, fault: tuple[str, int] | None = None) -> None:
-    """Write `path` under a temporary name, flush it and rename it into place (a link there is replaced)."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    if os.path.lexists(tmp):
-        tmp.unlink()  # a stray temporary file, or a link that must not be written through
-    write(tmp)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if fault is not None:
-        fault_point(*fault)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
-
-
-def _write_step(path: Path, table: pa.Table, metadata: dict[bytes, bytes]) -> None:
-    with pq.ParquetWriter(path, table.schema, **_WRITE_OPTIONS) as writer:
-        writer.write_table(table)
-        writer.add_key_value_metadata(metadata)
 
 
 @dataclass
@@ -156,7 +81,7 @@ class SeedLog:
             raise ValueError(f"seed log metadata lacks {', '.join(missing)}")
         (path / "steps").mkdir(parents=True, exist_ok=True)
         full = json.loads(json.dumps({"format": FORMAT, "version": VERSION, **meta}))
-        _write_json(path / "run.json", full)
+        write_json(path / "run.json", full)
         return cls(path, full)
 
     @property
@@ -169,26 +94,7 @@ class SeedLog:
         return self.records[-1].record_sha256 if self.records else self.run_sha256
 
     def _step_path(self, iteration: int) -> Path:
-        return self.path / "steps" / f"it-{iteration:08d}.parquet"
-
-    def _record(self, logged: LoggedStep, prev: str) -> tuple[pa.Table, dict[bytes, bytes], str]:
-        """A record as stored: its table, its file metadata and its hash."""
-        step = logged.step
-        table = pa.table(
-            {
-                "seed": list(step.seeds),
-                "sign": list(step.signs),
-                "coef": list(step.coefs),
-                "alpha_fp": [step.alpha_fp] * len(step.seeds),
-                "reward": list(logged.rewards),
-            },
-            schema=STEP_SCHEMA,
-        )
-        record = record_sha256(prev, step.iteration, table.to_pydict(), logged.checkpoint)
-        metadata = {ITERATION_KEY: str(step.iteration).encode(), PREV_KEY: prev.encode(), RECORD_KEY: record.encode()}
-        if logged.checkpoint is not None:
-            metadata[CHECKPOINT_KEY] = logged.checkpoint.encode()
-        return table, metadata, record
+        return self.path / "steps" / step_name(iteration)
 
     def append(self, logged: LoggedStep) -> None:
         step = logged.step
@@ -197,11 +103,11 @@ class SeedLog:
             raise SeedLogError(f"step {step.iteration} has {n} members, the run has {self.population}")
         if step.iteration != len(self.records):
             raise SeedLogError(f"iteration {step.iteration} cannot follow {len(self.records)} logged iterations")
-        table, metadata, record = self._record(logged, self.head)
+        table, metadata, record = encode_record(logged, self.head)
         target = self._step_path(step.iteration)
         if os.path.lexists(target):
             raise SeedLogError(f"{target} exists; a logged iteration is never rewritten")
-        write_atomic(target, lambda tmp: _write_step(tmp, table, metadata), fault=("append", step.iteration))
+        write_atomic(target, lambda tmp: write_step(tmp, table, metadata), fault=("append", step.iteration))
         rewards = tuple(table.column("reward").to_pylist())
         self.records.append(LoggedStep(step, rewards, logged.checkpoint, record))
 
@@ -223,7 +129,7 @@ class SeedLog:
                 f"is {last.checkpoint}"
             )
         fault_point("finish", iterations)
-        _write_json(
+        write_json(
             self.path / "final.json",
             {
                 "iterations": iterations,
@@ -236,8 +142,8 @@ class SeedLog:
     def _add_last_checkpoint(self, codes_sha256: str) -> None:
         last = self.records[-1]
         prev = self.records[-2].record_sha256 if len(self.records) > 1 else self.run_sha256
-        table, metadata, record = self._record(LoggedStep(last.step, last.rewards, codes_sha256), prev)
-        write_atomic(self._step_path(last.step.iteration), lambda tmp: _write_step(tmp, table, metadata))
+        table, metadata, record = encode_record(LoggedStep(last.step, last.rewards, codes_sha256), prev)
+        write_atomic(self._step_path(last.step.iteration), lambda tmp: write_step(tmp, table, metadata))
         self.records[-1] = LoggedStep(last.step, last.rewards, codes_sha256, record)
 
     def reopen(self, codes_sha256: str) -> None:
@@ -326,7 +232,7 @@ class SeedLog:
     def _read_records(self) -> None:
         files = self.step_files()
         for expected, path in enumerate(files):
-            match = _STEP_NAME.match(path.name)
+            match = STEP_NAME.match(path.name)
             if not match:
                 raise SeedLogError(f"unexpected file {path} in the seed log's steps/")
             if int(match.group(1)) != expected:
@@ -334,51 +240,9 @@ class SeedLog:
                     f"iterations in {self.path / 'steps'} are not contiguous: expected iteration {expected}, "
                     f"found {path.name} (a record was removed or renamed)"
                 )
-            self.records.append(self._read_record(path, expected, self.head))
-
-    def _read_record(self, path: Path, iteration: int, prev: str) -> LoggedStep:
-        try:  # one read into memory and no thread pool: a step file is about 1 KB, and a log has thousands
-            source = pa.BufferReader(pa.py_buffer(read_bytes(path, "step record")))
-            table = pq.ParquetFile(source, page_checksum_verification=True).read(use_threads=False)
-        except (pa.ArrowException, OSError) as err:
-            raise SeedLogError(f"step file {path} is truncated or corrupted: {err}") from err
-        if table.schema.remove_metadata() != STEP_SCHEMA:
-            raise SeedLogError(f"step file {path} has schema {table.schema}, expected {STEP_SCHEMA}")
-        metadata = table.schema.metadata or {}
-        stored_iteration = metadata.get(ITERATION_KEY, b"").decode(errors="replace")
-        if stored_iteration != str(iteration):
-            raise SeedLogError(
-                f"step file {path} holds iteration {stored_iteration or '?'}, not {iteration}: records were "
-                f"renamed or reordered"
-            )
-        checkpoint = metadata.get(CHECKPOINT_KEY)
-        checkpoint = checkpoint.decode(errors="replace") if checkpoint else None
-        rows = table.to_pydict()
-        record = record_sha256(prev, iteration, rows, checkpoint)
-        if metadata.get(PREV_KEY, b"").decode(errors="replace") != prev:
-            what = "run.json" if iteration == 0 else f"the record of iteration {iteration - 1}"
-            raise SeedLogError(
-                f"seed log record of iteration {iteration} ({path}) does not follow {what}: {what} was edited, "
-                f"or records were removed or reordered"
-            )
-        if metadata.get(RECORD_KEY, b"").decode(errors="replace") != record:
-            raise SeedLogError(
-                f"seed log record of iteration {iteration} ({path}) was altered: its content (seeds, signs, "
-                f"coefficients, step size, rewards or hash checkpoint) does not match its recorded hash"
-            )
-        if table.num_rows != self.population:
-            raise SeedLogError(f"step file {path} holds {table.num_rows} members, the run has {self.population}")
-        if checkpoint is not None:
-            check_checkpoint(checkpoint, path, CHECKPOINT_KEY.decode())
-        self._check_semantics(path, iteration, rows)
-        step = Step(
-            iteration=iteration,
-            alpha_fp=rows["alpha_fp"][0],
-            seeds=tuple(rows["seed"]),
-            signs=tuple(rows["sign"]),
-            coefs=tuple(rows["coef"]),
-        )
-        return LoggedStep(step, tuple(rows["reward"]), checkpoint, record)
+            logged, rows = read_record(path, expected, self.head, self.population)
+            self._check_semantics(path, expected, rows)
+            self.records.append(logged)
 
     def _check_semantics(self, path: Path, iteration: int, rows: dict[str, list]) -> None:
         """What the run's own settings fix: member seeds and signs, and the step size of the iteration."""

@@ -132,7 +132,8 @@ def sign_log(log_dir: str | Path, key: str | Path, identity: str | None = None, 
 
     An existing signature is replaced only when `overwrite`; both files are written atomically.
     """
-    from qes.seedlog import SeedLog, write_atomic
+    from qes.logchain import write_atomic
+    from qes.seedlog import SeedLog
 
     log_dir = Path(log_dir)
     seedlog = SeedLog.open(log_dir)

@@ -19,23 +19,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qes.claims import claimed, inherited
-from qes.codes import QuantLinear, base_identity, codes_sha256
+from qes.codes import LayerCodes
 from qes.dist import Ranks
 from qes.engine import Engine, StepStats
 from qes.faults import fault_point
 from qes.hparams import TrainConfig
+from qes.identity import base_identity, codes_sha256
+from qes.logchain import LoggedStep, write_atomic
 from qes.logutil import PROGRESS
 from qes.members import MemberGroup
 from qes.noise import member_seeds
 from qes.replay import ReplayMismatch, engine_for_log, layer_manifest, replay_steps
 from qes.runrecord import refuse_other_config, run_meta
-from qes.seedlog import LoggedStep, SeedLog, SeedLogError, write_atomic
+from qes.seedlog import SeedLog, SeedLogError
 from qes.update import Step, alpha_fixed_point, quantize_coefficients, shape_rewards
 
 log = logging.getLogger(__name__)
 
 
-def open_or_create(run_dir: Path, cfg: TrainConfig, layers: list[QuantLinear], base: dict, extra: dict,
+def open_or_create(run_dir: Path, cfg: TrainConfig, layers: list[LayerCodes], base: dict, extra: dict,
                    fitness_may_change: bool = False) -> SeedLog:
     """Open the run's seed log if it exists (refusing a different base or config), else create it."""
     meta = run_meta(cfg, layer_manifest(layers), base, extra)
@@ -107,7 +109,7 @@ def _score_members(engine: Engine, model, members: list[tuple[int, int]], mine: 
 
 def train(
     model,
-    layers: list[QuantLinear],
+    layers: list[LayerCodes],
     fitness: Callable[[int], float],
     cfg: TrainConfig,
     run_dir: str | Path,
@@ -187,7 +189,7 @@ def _run(model, fitness: Callable[[int], float], cfg: TrainConfig, run_dir: Path
     return final
 
 
-def _open_and_catch_up(model, layers: list[QuantLinear], cfg: TrainConfig, run_dir: Path, extra_meta: dict,
+def _open_and_catch_up(model, layers: list[LayerCodes], cfg: TrainConfig, run_dir: Path, extra_meta: dict,
                        ranks: Ranks, fitness_may_change: bool) -> tuple[SeedLog, Engine]:
     """The run's seed log (created by the writer rank) and an engine whose codes are at its last iteration."""
     base = base_identity(model, codes_sha256(layers))

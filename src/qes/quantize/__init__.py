@@ -4,7 +4,7 @@ The output folder is a standard GPTQ checkpoint (format ``gptq``, int32 packing,
 that plain ``transformers.AutoModelForCausalLM.from_pretrained`` loads when GPTQModel is installed, plus
 ``quant_report.json``:
 
-* ``codes_sha256`` -- identity of the integer codes (see :func:`qes.codes.codes_sha256`);
+* ``codes_sha256`` -- identity of the integer codes (see :func:`qes.identity.codes_sha256`);
 * ``size_bytes`` -- size of the folder on disk;
 * ``quality`` -- relative logit error ``||L_q - L_f||_F / ||L_f||_F`` and next-token (argmax) agreement of the
   quantized model against the float model, over every position of held-out prompts that differ from the
@@ -38,9 +38,9 @@ from qes.quantize.calibration import prompt_texts
 from qes.quantize.gptq import run_gptq, stored_float_dtype
 from qes.quantize.preflight import check_group_size, linear_in_features
 from qes.quantize.report import REPORT_NAME, build_report, measure, read_report, write_report
-from qes.quantize.settings import SUPPORTED_BITS, QuantizeConfig
+from qes.quantize.settings import QUANTIZE_BITS, QuantizeConfig
 
-__all__ = ["COMPUTE_DTYPE", "REPORT_NAME", "SUPPORTED_BITS", "QuantizeConfig", "quantize_model", "read_report"]
+__all__ = ["COMPUTE_DTYPE", "QUANTIZE_BITS", "REPORT_NAME", "QuantizeConfig", "quantize_model", "read_report"]
 
 log = logging.getLogger(__name__)
 

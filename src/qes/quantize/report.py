@@ -12,8 +12,10 @@ from typing import Any
 import torch
 
 from qes import __version__
-from qes import codes as qcodes
+from qes.checkpoint import load_quantized
+from qes.codes import LayerCodes, quantized_linears
 from qes.fsutil import directory_size
+from qes.identity import codes_sha256
 from qes.quantize.gptq import dtype_name
 from qes.quantize.settings import QuantizeConfig
 
@@ -54,13 +56,13 @@ def compare_logits(float_model: Any, quant_model: Any, tokenizer: Any, prompts: 
 
 def measure(
     quant_dir: Path, model_dir: Path, widths: Mapping[str, Any], tokenizer: Any, heldout_texts: Sequence[str]
-) -> tuple[list[qcodes.QuantLinear], dict[str, Any]]:
+) -> tuple[list[LayerCodes], dict[str, Any]]:
     """The quantized layers of the checkpoint in ``quant_dir`` (every layer of ``widths``, or an error) and the
     quality of the quantized model against the float model on ``heldout_texts``."""
     from transformers import AutoModelForCausalLM
 
-    quant_model, _ = qcodes.load_quantized(quant_dir, device="cpu", dtype=torch.float32, backend="dense")
-    layers = qcodes.quantized_linears(quant_model)
+    quant_model, _ = load_quantized(quant_dir, device="cpu", dtype=torch.float32, backend="dense")
+    layers = quantized_linears(quant_model)
     missing = sorted(set(widths) - {layer.name for layer in layers})
     if missing:
         raise RuntimeError(f"GPTQ left {len(missing)} layer(s) unquantized, e.g. {missing[0]}")
@@ -102,7 +104,7 @@ def build_report(
     dtypes: tuple[torch.dtype, torch.dtype],
     gptq: Mapping[str, Any],
     calibration_prompts: int,
-    layers: Sequence[qcodes.QuantLinear],
+    layers: Sequence[LayerCodes],
     quality: dict[str, Any],
     timings: Mapping[str, float],
 ) -> dict[str, Any]:
@@ -122,7 +124,7 @@ def build_report(
         "gptq_dtypes": gptq["gptq_dtypes"],
         "numerics": gptq["numerics"],
         "calibration_prompts": calibration_prompts,
-        "codes_sha256": qcodes.codes_sha256(layers),
+        "codes_sha256": codes_sha256(layers),
         "quantized_layers": len(layers),
         "num_codes": sum(layer.num_codes for layer in layers),
         "size_bytes": directory_size(quant_dir),

@@ -6,9 +6,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from qes.schema import complete
+from qes.packing import SUPPORTED_BITS
+from qes.schema import allowed, complete
 
-SUPPORTED_BITS = (4, 8)
+#: the code widths the quantize stage makes: those qes packs and runs that the config offers (quantize.bits)
+QUANTIZE_BITS = tuple(bits for bits in SUPPORTED_BITS if bits in allowed(("quantize", "bits")))
 
 
 @dataclass(frozen=True)
@@ -24,8 +26,8 @@ class QuantizeConfig:
     offload_to_disk: bool = False
 
     def __post_init__(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"quantize.bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.bits not in QUANTIZE_BITS:
+            raise ValueError(f"quantize.bits must be one of {QUANTIZE_BITS}, got {self.bits}")
         if self.group_size < 1:
             raise ValueError(f"quantize.group_size must be a positive integer, got {self.group_size}")
         if self.calibration_samples < 1:

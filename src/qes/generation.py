@@ -1,4 +1,4 @@
-"""Fitness: greedy batched generation on a fixed prompt batch, scored with the task reward.
+"""Generation: greedy batched generation on a fixed prompt batch, scored with the task reward.
 
 The training loop scores the same prompts with many perturbed models per iteration, so prompts
 are tokenised once into a :class:`PromptBatch` and :func:`score` only generates and rewards.
@@ -16,12 +16,11 @@ Two decoders produce the same greedy function up to floating-point rounding (``G
     transformers' ``generate`` with the prefix's cache repeated for every row, one member at a time: the
     reference the member decoder is tested against.
 
-:func:`evaluate_heldout` writes the held-out metrics.
+The held-out metrics and examples of a scored batch are written by :mod:`qes.evaluate`.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -75,12 +74,12 @@ class GenerationConfig:
 class PromptBatch:
     """A task's rows with their prompt texts and token ids, tokenised once.
 
-    ``problems[i]`` is row ``i`` as the task's reward reads it (a Countdown problem, a dataset row).
+    ``rows[i]`` is row ``i`` as the task's reward reads it (a Countdown problem, a dataset row).
     ``prefixes[i]`` is the assistant prefix that prompt ``i`` ends with; it is put back in front of
     the response when the reward is computed.
     """
 
-    problems: tuple[Any, ...]
+    rows: tuple[Any, ...]
     prompts: tuple[str, ...]
     prefixes: tuple[str, ...]
     token_ids: tuple[tuple[int, ...], ...]
@@ -90,13 +89,13 @@ class PromptBatch:
     task: Task = field(default=None, repr=False, compare=False)  # type: ignore[assignment]  # set by make_batch
 
     def __len__(self) -> int:
-        return len(self.problems)
+        return len(self.rows)
 
     def subset(self, indices: Sequence[int]) -> PromptBatch:
         """The prompts at ``indices``, in that order."""
         return replace(
             self,
-            problems=tuple(self.problems[i] for i in indices),
+            rows=tuple(self.rows[i] for i in indices),
             prompts=tuple(self.prompts[i] for i in indices),
             prefixes=tuple(self.prefixes[i] for i in indices),
             token_ids=tuple(self.token_ids[i] for i in indices),
@@ -147,7 +146,7 @@ def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
 
 
 def make_batch(
-    tokenizer: Any, problems: Sequence[Any], prompts: Sequence[str], prefixes: Sequence[str] | str,
+    tokenizer: Any, rows: Sequence[Any], prompts: Sequence[str], prefixes: Sequence[str] | str,
     task: Task | None = None,
 ) -> PromptBatch:
     """Tokenise prompt texts (already chat-formatted; no special tokens are added) of ``task``'s rows
@@ -155,15 +154,15 @@ def make_batch(
     task = task if task is not None else default_task()
     if isinstance(prefixes, str):
         prefixes = [prefixes] * len(prompts)
-    if not (len(problems) == len(prompts) == len(prefixes)):
-        raise ValueError("problems, prompts and prefixes differ in length")
+    if not (len(rows) == len(prompts) == len(prefixes)):
+        raise ValueError("rows, prompts and prefixes differ in length")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     return PromptBatch(
-        tuple(problems), tuple(prompts), tuple(prefixes), tuple(tuple(i) for i in ids), tokenizer, int(pad), int(eos),
+        tuple(rows), tuple(prompts), tuple(prefixes), tuple(tuple(i) for i in ids), tokenizer, int(pad), int(eos),
         task,
     )
 
@@ -313,7 +312,7 @@ def _eval_mode(model: Any):
 
 
 def _rewarded(batch: PromptBatch, responses: list[str], tokens: int, seconds: float) -> FitnessResult:
-    rows = zip(responses, batch.problems, batch.prefixes, strict=True)
+    rows = zip(responses, batch.rows, batch.prefixes, strict=True)
     records = [batch.task.score(response, row, prefix) for response, row, prefix in rows]
     rewards = [r.reward for r in records]
     mean = sum(rewards) / len(rewards) if rewards else 0.0
@@ -336,61 +335,6 @@ def require_quantized(model: torch.nn.Module) -> None:
     dense = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}."]
     if dense:
         raise ValueError(f"decoder linear layers left in float: {dense[:3]}...")
-
-
-def summarize(result: FitnessResult) -> dict[str, Any]:
-    """Held-out metrics of a scored batch."""
-    n = len(result.records)
-    return {
-        "n": n,
-        "accuracy": sum(r.correct for r in result.records) / n if n else 0.0,
-        "format_rate": sum(r.format_ok for r in result.records) / n if n else 0.0,
-        "mean_reward": result.mean_reward,
-        "generated_tokens": result.generated_tokens,
-        "generation_seconds": result.seconds,
-        "tokens_per_second": result.generated_tokens / result.seconds if result.seconds > 0 else 0.0,
-    }
-
-
-def write_examples(batch: PromptBatch, result: FitnessResult, path: str | Path) -> None:
-    """Per-example prompts, responses and rewards as Parquet."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    recs = result.records
-    rows = batch.problems
-    table = pa.table(
-        {
-            "id": [p.id for p in rows],
-            **batch.task.describe(rows),
-            "prompt": list(batch.prompts),
-            "response": result.responses,
-            "answer": [r.answer for r in recs],
-            "format_ok": [r.format_ok for r in recs],
-            "correct": [r.correct for r in recs],
-            "reward": [r.reward for r in recs],
-            "reason": [r.reason for r in recs],
-        }
-    )
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
-
-
-def evaluate_heldout(
-    model: Any,
-    batch: PromptBatch,
-    cfg: GenerationConfig,
-    metrics_path: str | Path,
-    examples_path: str | Path,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Score ``batch`` and write ``metrics.json`` (plus ``extra`` keys) and the per-example Parquet."""
-    result = score(model, batch, cfg)
-    metrics = {**summarize(result), "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, **(extra or {})}
-    write_examples(batch, result, examples_path)
-    Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(metrics_path).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    return metrics
 
 
 def load_batch(tokenizer: Any, task_parquet: str | Path, limit: int | None = None) -> PromptBatch:

@@ -1,4 +1,4 @@
-"""Fitness scoring and held-out evaluation on GPTQ checkpoints of a tiny llama (the real SmolLM2: test_workflow_e2e)."""
+"""Generation, scoring and held-out evaluation on GPTQ checkpoints of a tiny llama (real SmolLM2: test_workflow_e2e)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from qes.codes import load_quantized
-from qes.fitness import (
+from qes.checkpoint import load_quantized
+from qes.evaluate import evaluate_heldout
+from qes.generation import (
     GenerationConfig,
     common_prefix_length,
-    evaluate_heldout,
     generated_lengths,
     make_batch,
     quant_linear_names,
@@ -127,5 +127,5 @@ def test_evaluate_heldout_writes_files(tiny_model, tmp_path):
         assert key in on_disk
     assert on_disk["n"] == 3 and on_disk["label"] == "base"
     table = pq.read_table(tmp_path / "examples.parquet").to_pylist()
-    assert [r["id"] for r in table] == [p.id for p in batch.problems]
+    assert [r["id"] for r in table] == [p.id for p in batch.rows]
     assert {"prompt", "response", "reward", "format_ok", "correct", "reason"} <= set(table[0])

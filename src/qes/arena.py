@@ -1,14 +1,14 @@
 """Sparse read / add access to the integer codes of quantized linears, with their forward caches kept in step.
 
 The canonical code matrix of a layer is Q[out, in] with flat index k = o * in + i (see qes.codes). The codes
-live in the GPTQ checkpoint layout, int32 words [in / p, out] with p = 32 / bits codes per word, least
-significant bits first: that tensor is the only truth about a layer's state, on every device.
+live in the GPTQ checkpoint layout (qes.packing), int32 words [in / p, out] with p = 32 / bits codes per word,
+least significant bits first: that tensor is the only truth about a layer's state, on every device.
 
 An `Arena` holds several layers of one width and one forward backend in a single flat tensor: each module's
 ``qweight`` is re-pointed to a view of it, so reading or adding codes anywhere in the group is one gather or
 one `index_add_`, however many layers the group spans. After every add the arena hands the same positions to
-the backend's cache arena (`qes.qlinear.CacheArena`), which brings the forward representation (torch's int4
-pack, a dequantized weight) up to date at exactly those positions. Adds never carry across neighbouring codes
+the backend's cache arena (`qes.backends.base.CacheArena`), which brings the forward representation (torch's
+int4 pack, a dequantized weight) up to date at exactly those positions. Adds never carry across neighbouring codes
 because callers only add deltas that keep each code in [0, 2^bits - 1]; the word-level wrap-around of
 `index_add_` on int32 is two's complement on CPU and CUDA alike, so words holding several changed codes come
 out exact.
@@ -18,18 +18,19 @@ from __future__ import annotations
 
 import torch
 
-from qes.codes import QuantLinear
+from qes.codes import LayerCodes
+from qes.packing import check_bits
 
 
 class Arena:
     """Layers of one width and one backend whose packed GPTQ codes live in one flat int32 tensor."""
 
-    def __init__(self, layers: list[QuantLinear]):
+    def __init__(self, layers: list[LayerCodes]):
         self.layers = layers
         self.bits = layers[0].bits
         self.mask = (1 << self.bits) - 1
         self.max_code = self.mask
-        self.per_word = 32 // self.bits
+        self.per_word = check_bits(self.bits)
         modules = self.modules = [layer.module for layer in layers]
         backends = {type(m.backend) for m in modules}
         if len(backends) != 1 or {x.bits for x in layers} != {self.bits}:
