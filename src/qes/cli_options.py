@@ -55,10 +55,9 @@ def describe(section: str, key: str) -> str:
 
 def enum_choices(*path: str) -> list:
     """The allowed values of the config key at `path` (block, key), as the config schema lists them."""
-    node = schema()
-    for key in path:
-        node = node["properties"][key]
-    return list(node["enum"])
+    from qes.schema import allowed
+
+    return list(allowed(path))
 
 
 def add_compute_options(parser: argparse.ArgumentParser) -> None:
