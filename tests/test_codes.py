@@ -91,8 +91,14 @@ def test_tiny_gptq_layers_are_project_modules(tiny_gptq_dir: Path) -> None:
     # auto: for INT4 on the CPU the backend measured faster on this CPU (int4pack unless dense is >= 10%
     # faster, as it can be on AVX2), dense otherwise; nothing of GPTQModel's kernels is left.
     compute = describe_compute(model)
-    expected = faster_cpu_int4_backend(compute["backend_ms"]) if layers[0].bits == 4 else "dense"
-    assert compute["backends"] == {expected: 14}
+    if layers[0].bits == 8:
+        assert compute["backends"] == {"dense": 14}
+        return
+    (chosen,) = compute["backends"]
+    assert compute["backends"] == {chosen: 14} and chosen in ("int4pack", "dense")
+    timings = compute["backend_ms"]  # recorded rounded to 0.01 ms: a choice at the threshold may go either way
+    if abs(timings["dense"] - 0.9 * timings["int4pack"]) > 0.02:
+        assert chosen == faster_cpu_int4_backend(timings), timings
     assert not [m for m in model.modules() if type(m).__module__.startswith("gptqmodel")]
     up = next(layer for layer in layers if layer.name == "model.layers.0.mlp.up_proj")
     assert (up.in_features, up.out_features) == (64, 128)
