@@ -43,8 +43,9 @@ Per size, in this order:
 
 The codes hash must be one and the same in 2, 6 and 7 after the scored iterations, and in 5, 6 and 7 after the
 full window: perturb/restore pairs leave no trace and the update is integer-exact. The table reports them
-with the throughput ratio (target >= 70%) and the ES overhead against one member's fitness (perturb + restore
-per member, and the update per iteration; target <= 5% each). Timings wait for the device's queued work.
+with the throughput ratio (target >= 70%) and the ES overhead: perturb + restore per member against one member's
+fitness (target <= 2%), and the update per iteration against an iteration's fitness, taken as the member phase's
+group scored together (target <= 5%). Timings wait for the device's queued work.
 
 Memory (CUDA ``max_memory_allocated``; on a CPU only the process's peak RSS is given). The dense backend
 computes with a dequantized weight cache as large as the plain model's weights and keeps the GPTQ tensors
@@ -91,7 +92,8 @@ from qes.generation import GenerationConfig
 from qes.qlinear import compute_dtype
 
 TARGET_THROUGHPUT = 0.70
-TARGET_OVERHEAD = 0.05
+TARGET_PERTURB = 0.02
+TARGET_UPDATE = 0.05
 TARGET_MEMORY = 1.15
 TARGET_GROUP = 3.0
 
@@ -165,7 +167,7 @@ def ratios(res: dict[str, Any], size: Size) -> dict[str, float]:
     out = {
         "throughput_ratio": res["qes_tokens_per_s"] / res["plain_tokens_per_s"],
         "perturb_restore_vs_fitness": res["perturb_restore_s"] / res["fitness_s"],
-        "update_vs_fitness": res["update_s"] / res["fitness_s"],
+        "update_vs_iteration": res["update_s"] / res["member_group_s"],
         "member_group_vs_alone": res["member_group_s"] / res["member_alone_s"],
         "member_group_throughput_ratio": res["member_group_tokens_per_s"] / res["plain_group_tokens_per_s"],
         "iteration_overhead": (size.population * res["perturb_restore_s"] + res["update_s"])
@@ -246,11 +248,11 @@ def speed_rows(res: dict[str, Any]) -> list[Row]:
          _target(res["throughput_ratio"], TARGET_THROUGHPUT, True)),
         ("perturb + restore per member / one member's fitness",
          f"{res['perturb_restore_s']:.3f} s / {res['fitness_s']:.3f} s = "
-         f"{100 * res['perturb_restore_vs_fitness']:.1f}%", "<= 5%",
-         _target(res["perturb_restore_vs_fitness"], TARGET_OVERHEAD, False)),
-        (f"update per iteration (window {res['update_window']}) / one member's fitness",
-         f"{res['update_s']:.3f} s / {res['fitness_s']:.3f} s = {100 * res['update_vs_fitness']:.1f}%", "<= 5%",
-         _target(res["update_vs_fitness"], TARGET_OVERHEAD, False)),
+         f"{100 * res['perturb_restore_vs_fitness']:.1f}%", "<= 2%",
+         _target(res["perturb_restore_vs_fitness"], TARGET_PERTURB, False)),
+        (f"update per iteration (window {res['update_window']}) / an iteration's fitness ({p} members together)",
+         f"{res['update_s']:.3f} s / {res['member_group_s']:.3f} s = {100 * res['update_vs_iteration']:.1f}%",
+         "<= 5%", _target(res["update_vs_iteration"], TARGET_UPDATE, False)),
         (f"{p} members scored together / one member alone (same {s['batch']} prompts)",
          f"{res['member_group_s']:.3f} s / {res['member_alone_s']:.3f} s = {res['member_group_vs_alone']:.1f}x",
          "<= 3x on a GPU", _target(res["member_group_vs_alone"], TARGET_GROUP, False) if gpu else "n/a"),

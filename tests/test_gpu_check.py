@@ -90,7 +90,7 @@ def test_tiny_on_cpu(tmp_path):
     assert res["shapes"]["tied"] and res["tied_plain"] is res["tied_qes"] is True, "one tensor, in both builds"
     assert res["window_steps"] == 13 and res["update_window"] == 10 and res["reference_layers"] == 14
     for key in ("qes_tokens_per_s", "plain_tokens_per_s", "throughput_ratio", "perturb_restore_s", "fitness_s",
-                "update_s", "perturb_restore_vs_fitness", "update_vs_fitness", "iteration_overhead",
+                "update_s", "perturb_restore_vs_fitness", "update_vs_iteration", "iteration_overhead",
                 "peak_rss_bytes", "replay_s_per_step_cpu", "logits_std"):
         assert math.isfinite(res[key]) and res[key] > 0, (key, res[key])
     assert res["qes_tokens"] == res["plain_tokens"] == 4 * 16, "every row generates all its tokens"
@@ -100,6 +100,12 @@ def test_tiny_on_cpu(tmp_path):
     for key in ("member_alone_s", "member_group_s", "member_group_vs_alone", "member_group_throughput_ratio"):
         assert math.isfinite(res[key]) and res[key] > 0, (key, res[key])
     assert row(rows, "4 members scored together")[2] == "n/a", "the group targets are for GPUs"
+    # the ES overhead: perturb + restore against one member, the update against the group's iteration
+    value, target, _ = row(rows, "perturb + restore per member / one member's fitness")
+    assert target == "<= 2%" and value.startswith(f"{res['perturb_restore_s']:.3f} s / {res['fitness_s']:.3f} s")
+    value, target, _ = row(rows, "update per iteration (window 10) / an iteration's fitness (4 members together)")
+    assert target == "<= 5%" and value.startswith(f"{res['update_s']:.3f} s / {res['member_group_s']:.3f} s")
+    assert res["update_vs_iteration"] == pytest.approx(res["update_s"] / res["member_group_s"])
 
     # training fitness: the same rewards and responses alone and batched, in float32
     value, target, verdict = row(rows, "training fitness rewards, batched = alone")
