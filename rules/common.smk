@@ -191,11 +191,13 @@ def cuda_build():
         inherited = os.environ.get(RESOLVED_CUDA_BUILD_VARIABLE)
         spawned = workflow.remote_exec or workflow.subprocess_exec
         if spawned and inherited in ("cu13", "cu126"):
-            _resolved["cuda_build"] = inherited  # a job uses the environment its submitter planned
+            # a job uses the environment its submitter planned
+            build = inherited
         else:
             script = os.path.join(workflow.basedir, "envs", "torch-build.sh")
             found = subprocess.run(["sh", script], capture_output=True, text=True)
-            _resolved["cuda_build"] = "cu126" if found.stdout.strip() == "cu126" else "cu13"
+            build = "cu126" if found.stdout.strip() == "cu126" else "cu13"
+        _resolved["cuda_build"] = build
         os.environ[RESOLVED_CUDA_BUILD_VARIABLE] = _resolved["cuda_build"]
     return _resolved["cuda_build"]
 
