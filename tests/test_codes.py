@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from _backends import assert_auto_int4_choice
 
-from qes.backends.choice import faster_cpu_int4_backend
 from qes.backends.dense import dequantize_weight
 from qes.checkpoint import describe_compute, load_quantized, save_quantized
 from qes.codes import LayerCodes, layer_key, quantized_linears, zero_points
@@ -94,11 +94,7 @@ def test_tiny_gptq_layers_are_project_modules(tiny_gptq_dir: Path) -> None:
     if layers[0].bits == 8:
         assert compute["backends"] == {"dense": 14}
         return
-    (chosen,) = compute["backends"]
-    assert compute["backends"] == {chosen: 14} and chosen in ("int4pack", "dense")
-    timings = compute["backend_ms"]  # recorded rounded to 0.01 ms: a choice at the threshold may go either way
-    if abs(timings["dense"] - 0.9 * timings["int4pack"]) > 0.02:
-        assert chosen == faster_cpu_int4_backend(timings), timings
+    assert_auto_int4_choice(compute, 14)
     assert not [m for m in model.modules() if type(m).__module__.startswith("gptqmodel")]
     up = next(layer for layer in layers if layer.name == "model.layers.0.mlp.up_proj")
     assert (up.in_features, up.out_features) == (64, 128)
