@@ -200,7 +200,8 @@ def window_steps(name: str, size: Size, engine: Engine, clock: Clock, done: int,
 
 
 def qes_phase(name: str, size: Size, config: Any, batch: PromptBatch, gen_cfg: GenerationConfig,
-              device: torch.device, dtype: torch.dtype, deadline: float) -> tuple[dict[str, Any], torch.Tensor]:
+              device: torch.device, dtype: torch.dtype, deadline: float, compiled: bool = False
+              ) -> tuple[dict[str, Any], torch.Tensor]:
     """The QES run: the scored iterations, the full-window steps, member batching and training fitness; then the
     dense caches and the codes (after all of it: scoring members must leave no trace)."""
     clock = Clock(device)
@@ -220,6 +221,8 @@ def qes_phase(name: str, size: Size, config: Any, batch: PromptBatch, gen_cfg: G
     res.update(qes_fitness_peak_bytes=fitness_peak, update_scratch_bytes=clock.growth.get("update"),
                qes_peak_bytes=max(fitness_peak, update_peak) if clock.cuda else None)
     res.update(member_phase(name, size, model, engine, batch, gen_cfg, dtype, clock))
+    if compiled:
+        res.update(compiled_member_phase(name, model, engine, batch, gen_cfg, dtype, clock, res))
     res.update(training_fitness_phase(name, size, model, engine, clock, deadline, res["fitness_s"]))
     good, total = dense_caches_exact(model)
     names = set(reference_layers(config))
@@ -248,6 +251,27 @@ def member_phase(name: str, size: Size, model: torch.nn.Module, engine: Engine, 
             "member_group_tokens_per_s": sum(tokens) / (t2 - t1),
             "member_group_same_rows": sum(a == b for a, b in zip(alone, together[0])),
             "member_group_rows": len(alone), "member_group_peak_bytes": clock.peak_bytes()}
+
+
+def compiled_member_phase(name: str, model: torch.nn.Module, engine: Engine, batch: PromptBatch,
+                          gen_cfg: GenerationConfig, dtype: torch.dtype, clock: Clock, res: dict[str, Any]
+                          ) -> dict[str, Any]:
+    """The member group of :func:`member_phase` again with ``decode: compiled`` (fixed-shape steps through
+    torch.compile, CUDA graphs on CUDA): the first call compiles (its seconds are reported), the second is timed;
+    every member's responses must come out as the eager group's."""
+    note(f"{name}: {res['member_group']} members together, compiled decode")
+    cfg = replace(gen_cfg, decode="compiled")
+    members = [(s, sign) for s in member_seeds(GLOBAL_SEED, 1 << 20, res["member_group"] // 2) for sign in (1, -1)]
+    eager, _ = generate_group(model, batch, gen_cfg, MemberGroup(engine, members, dtype))
+    t0 = clock.now()
+    generate_group(model, batch, cfg, MemberGroup(engine, members, dtype))  # compiles
+    t1 = clock.now()
+    compiled, tokens = generate_group(model, batch, cfg, MemberGroup(engine, members, dtype))
+    t2 = clock.now()
+    return {"compiled_compile_s": t1 - t0, "compiled_group_s": t2 - t1,
+            "compiled_group_tokens_per_s": sum(tokens) / (t2 - t1),
+            "compiled_same_rows": sum(a == b for x, y in zip(eager, compiled) for a, b in zip(x, y)),
+            "compiled_rows": sum(len(x) for x in eager)}
 
 
 def training_fitness_phase(name: str, size: Size, model: torch.nn.Module, engine: Engine, clock: Clock,

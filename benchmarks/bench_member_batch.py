@@ -12,15 +12,19 @@ Each path scores the members of training iteration 0 (population 8: 4 mirrored p
 - ``row, dense float32``: the same decoder on the dense float32 backend;
 - ``member, P = 1``: the member decoder (prefix once per member) one member at a time, today's ``auto``
   (float32; the backend measured faster on this CPU);
-- ``member, P = 4`` and ``P = 8``: members scored together (``finetune.member_batch``).
+- ``member, P = 4`` and ``P = 8``: members scored together (``finetune.member_batch``);
+- ``member, P = 4, compiled``: the same with ``finetune.decode: compiled`` (fixed-shape decode steps through
+  torch.compile; its warm-up is one whole group, so that the step is compiled before the timing starts; the
+  warm-up's seconds are the "warm-up" column).
 
 Member-by-member paths score members 0-3, groups all 8; "agree" counts responses identical to those of
-``member, P = 1`` for members 0-3. Seconds are per member (a group's time divided by its size), after a
-warm-up; paths run in rotating order in every round, and the table gives the median over rounds and the
-median, over rounds, of each path's time divided by ``before``'s in the same round (compare these ratios, not
-seconds, on a shared machine). Peak RSS is the high-water mark after the warm-up (reset through
-/proc/self/clear_refs). ``--iterations`` also times whole finetune iterations (population 8, default
-settings, seed replay) of ``before`` and the default path: the median of iterations 2-3.
+``member, P = 1`` (or of the first path given, without it) for members 0-3. Seconds are per member (a
+group's time divided by its size), after a warm-up; paths run in rotating order in every round, and the
+table gives the median over rounds and the median, over rounds, of each path's time divided by
+``before``'s in the same round (compare these ratios, not seconds, on a shared machine). Peak RSS is the
+high-water mark after the warm-up (reset through /proc/self/clear_refs). ``--iterations`` also times whole
+finetune iterations (population 8, default settings, seed replay) of ``before`` and the default path: the
+median of iterations 2-3.
 
 To see an AVX2-only CPU's behaviour on an AVX-512 machine, run with ``ATEN_CPU_CAPABILITY=avx2
 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2`` (torch's, MKL's and oneDNN's kernels then use AVX2 only).
@@ -43,6 +47,8 @@ PATHS = {
     "member, P = 1": {"prefix_cache": "member", "backend": "auto", "dtype": "auto", "members": 1},
     "member, P = 4": {"prefix_cache": "member", "backend": "auto", "dtype": "auto", "members": 4},
     "member, P = 8": {"prefix_cache": "member", "backend": "auto", "dtype": "auto", "members": 8},
+    "member, P = 4, compiled": {"prefix_cache": "member", "backend": "auto", "dtype": "auto", "members": 4,
+                                "decode": "compiled"},
 }
 
 _CHILD = r"""
@@ -72,10 +78,16 @@ if dtype == "before":
 model, tokenizer = load_quantized(model_dir, backend=spec["backend"], dtype=dtype)
 full = load_batch(tokenizer, train)
 batch = full.subset(prompt_indices(0, 0, len(full), 16))
-cfg = GenerationConfig(max_new_tokens=48, batch_size=16, prefix_cache=spec["prefix_cache"])
+cfg = GenerationConfig(max_new_tokens=48, batch_size=16, prefix_cache=spec["prefix_cache"],
+                       decode=spec.get("decode", "eager"))
 engine = Engine(quantized_linears(model), NoiseSpec.from_sigma(0.01), UpdateConfig())
 members = [(s, sign) for s in member_seeds(0, 0, 4) for sign in (1, -1)]
-score(model, batch.subset(range(4)), replace(cfg, max_new_tokens=4))  # warm-up
+start = time.perf_counter()
+if cfg.decode == "compiled":  # compile the group's step before timing
+    score_group(model, batch, cfg, MemberGroup(engine, members[: spec["members"]], model.dtype))
+else:
+    score(model, batch.subset(range(4)), replace(cfg, max_new_tokens=4))
+warmup = time.perf_counter() - start
 Path("/proc/self/clear_refs").write_text("5")
 responses, start = [], time.perf_counter()
 if spec["members"] == 1:
@@ -89,7 +101,7 @@ else:
         group = MemberGroup(engine, members[at : at + spec["members"]], model.dtype)
         responses += [r.responses for r in score_group(model, batch, cfg, group)]
 seconds = (time.perf_counter() - start) / len(members)
-print(json.dumps({"seconds": seconds, "rss_mb": peak_mb(), "responses": responses,
+print(json.dumps({"seconds": seconds, "rss_mb": peak_mb(), "responses": responses, "warmup_s": warmup,
                   "compute": describe_compute(model)}))
 """
 
@@ -132,7 +144,7 @@ def main() -> None:
         for name in order:
             results[name].append(child(_CHILD, PATHS[name], args.model, args.train))
             print(f"round {r + 1}: {name}: {results[name][-1]['seconds']:.2f} s per member", file=sys.stderr)
-    reference = results.get("member, P = 1", [None])[0]
+    reference = results.get("member, P = 1", results[names[0]])[0]
     first = results[names[0]][0]["compute"]
     import torch
 
@@ -140,8 +152,8 @@ def main() -> None:
           f"{first['cpu_native_bf16']}, {os.cpu_count()} cores, torch {torch.__version__}; "
           f"env ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '-')}\n")
     print("| path | backend, dtype | s per member (median) | vs before (median of rounds) | agree with P = 1 "
-          "| peak RSS |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+          "| peak RSS | warm-up |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for name in names:
         runs = results[name]
         compute = runs[0]["compute"]
@@ -157,7 +169,8 @@ def main() -> None:
             agree = f"{sum(a == b for a, b in pairs)}/{len(pairs)}"
         seconds = statistics.median(x["seconds"] for x in runs)
         rss = statistics.median(x["rss_mb"] for x in runs)
-        print(f"| {name} | {kind} | {seconds:.2f} | {ratio} | {agree} | {rss:.0f} MB |")
+        warmup = statistics.median(x["warmup_s"] for x in runs)
+        print(f"| {name} | {kind} | {seconds:.2f} | {ratio} | {agree} | {rss:.0f} MB | {warmup:.0f} s |")
     if first.get("backend_ms"):
         print(f"\nauto's measurement on this CPU (ms per pass over the layer shapes): {first.get('backend_ms')}")
     if args.iterations:

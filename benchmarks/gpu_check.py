@@ -26,7 +26,9 @@ Per size, in this order:
    the full window.
 3. **member batching**: one member scored alone and ``members`` members together (:mod:`qes.members`), and the
    plain model generating the same number of rows in one call: on a GPU the group should cost at most 3x one
-   member and reach 70% of the plain rows' tokens/s.
+   member and reach 70% of the plain rows' tokens/s. With ``--decode both`` (the default on cuda) the group is
+   scored again with ``finetune.decode: compiled`` (fixed-shape decode steps through ``torch.compile``, CUDA
+   graphs on CUDA): compile time once, the same two ratios, and its responses against the eager group's.
 4. **training fitness**: the population scored as finetune scores it, through training's own member loop with
    ``fitness`` / ``group_fitness`` built as :mod:`qes.finetune` builds them (:func:`qes.generation.score` /
    :func:`~qes.generation.score_group`, prefix cache per member), on prompts that share a long prefix under a task
@@ -102,7 +104,8 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_size(name: str, size: Size, device: torch.device, dtype: torch.dtype, deadline: float) -> dict[str, Any]:
+def run_size(name: str, size: Size, device: torch.device, dtype: torch.dtype, deadline: float,
+             compiled: bool = False) -> dict[str, Any]:
     started = time.perf_counter()
     config = hf_config(size)
     batch = synthetic_prompts(size)
@@ -116,7 +119,7 @@ def run_size(name: str, size: Size, device: torch.device, dtype: torch.dtype, de
     res.update(plain)
     Clock(device).reset_peak()
     note(f"{name}: QES model and engine")
-    run, qes_logits = qes_phase(name, size, config, batch, gen_cfg, device, dtype, deadline)
+    run, qes_logits = qes_phase(name, size, config, batch, gen_cfg, device, dtype, deadline, compiled)
     res.update(run)
     Clock(device).reset_peak()
     res["finite"] = bool(torch.isfinite(plain_logits).all() and torch.isfinite(qes_logits).all())
@@ -173,6 +176,9 @@ def ratios(res: dict[str, Any], size: Size) -> dict[str, float]:
         "iteration_overhead": (size.population * res["perturb_restore_s"] + res["update_s"])
         / (size.population * res["fitness_s"]),
     }
+    if "compiled_group_s" in res:
+        out["compiled_group_vs_alone"] = res["compiled_group_s"] / res["member_alone_s"]
+        out["compiled_throughput_ratio"] = res["compiled_group_tokens_per_s"] / res["plain_group_tokens_per_s"]
     if res["plain_peak_bytes"]:
         out["memory_ratio"] = res["qes_fitness_peak_bytes"] / (res["plain_peak_bytes"] + res["codes_bytes"])
         out["run_memory_ratio"] = res["qes_peak_bytes"] / res["plain_peak_bytes"]
@@ -262,6 +268,25 @@ def speed_rows(res: dict[str, Any]) -> list[Row]:
          _target(res["member_group_throughput_ratio"], TARGET_THROUGHPUT, True) if gpu else "n/a"),
         ("first member's responses, together = alone",
          f"{res['member_group_same_rows']}/{res['member_group_rows']} rows", "", ""),
+    ] + compiled_rows(res)
+
+
+def compiled_rows(res: dict[str, Any]) -> list[Row]:
+    if "compiled_group_s" not in res:
+        return []
+    s, p = res["shapes"], res["member_group"]
+    gpu = res["compute"]["device"] == "cuda"
+    return [
+        (f"{p} members together, compiled decode (finetune.decode: compiled) / one member alone",
+         f"{res['compiled_group_s']:.3f} s / {res['member_alone_s']:.3f} s = {res['compiled_group_vs_alone']:.1f}x "
+         f"(compiling: {res['compiled_compile_s']:.1f} s, once)", "<= 3x on a GPU",
+         _target(res["compiled_group_vs_alone"], TARGET_GROUP, False) if gpu else "n/a"),
+        (f"fitness tokens/s, {p} members together, compiled decode / plain generate of the same rows",
+         f"{res['compiled_group_tokens_per_s']:,.1f} / {res['plain_group_tokens_per_s']:,.1f} = "
+         f"{100 * res['compiled_throughput_ratio']:.0f}%", ">= 70% on a GPU",
+         _target(res["compiled_throughput_ratio"], TARGET_THROUGHPUT, True) if gpu else "n/a"),
+        (f"responses, compiled decode = eager ({s['batch']} prompts x {p} members)",
+         f"{res['compiled_same_rows']}/{res['compiled_rows']} rows", "", ""),
     ]
 
 
@@ -323,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (default: 1 for the tiny size on a CPU, which gains nothing from "
                              "more and loses much to thread barriers on busy cores; torch's setting otherwise)")
+    parser.add_argument("--decode", choices=["eager", "both"],
+                        help="both: also score the member group with compiled decode steps (finetune.decode: "
+                             "compiled; default on cuda; compiling takes minutes on a CPU)")
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
     args = parser.parse_args(argv)
 
@@ -345,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {"layers": args.layers, "batch": args.batch, "new_tokens": args.new_tokens, "steps": args.steps}
         size = replace(size, **{k: v for k, v in overrides.items() if v})
         try:
-            results.append(run_size(name, size, device, dtype, deadline))
+            compiled = (args.decode or ("both" if device.type == "cuda" else "eager")) == "both"
+            results.append(run_size(name, size, device, dtype, deadline, compiled))
         except Exception as error:  # report the other sizes all the same
             note(f"{name}: {type(error).__name__}: {error}")
             results.append({"size": name, "error": f"{type(error).__name__}: {error}".replace("|", "/")})

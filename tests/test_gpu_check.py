@@ -21,9 +21,9 @@ SCRIPT = REPO_ROOT / "benchmarks" / "gpu_check.py"
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def run_check(device: str, out: Path, timeout: float) -> tuple[subprocess.CompletedProcess, dict]:
+def run_check(device: str, out: Path, timeout: float, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--device", device, "--size", "tiny", "--json", str(out)],
+        [sys.executable, str(SCRIPT), "--device", device, "--size", "tiny", "--json", str(out), *extra],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
     )
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
@@ -47,7 +47,7 @@ def row(rows: dict[str, tuple[str, str, str]], starts: str) -> tuple[str, str, s
 
 
 def test_tiny_on_cpu(tmp_path):
-    result, data = run_check("cpu", tmp_path / "check.json", timeout=240)
+    result, data = run_check("cpu", tmp_path / "check.json", 480, "--decode", "both")
     lines = result.stdout.splitlines()
     assert lines[0].startswith("device: CPU, capability ")
     assert lines[1].startswith(f"torch {torch.__version__}")
@@ -100,6 +100,12 @@ def test_tiny_on_cpu(tmp_path):
     for key in ("member_alone_s", "member_group_s", "member_group_vs_alone", "member_group_throughput_ratio"):
         assert math.isfinite(res[key]) and res[key] > 0, (key, res[key])
     assert row(rows, "4 members scored together")[2] == "n/a", "the group targets are for GPUs"
+    # the same group with compiled decode steps: the eager group's responses, in float32
+    assert row(rows, "responses, compiled decode = eager")[0] == "16/16 rows"
+    value, target, verdict = row(rows, "4 members together, compiled decode")
+    assert target == "<= 3x on a GPU" and verdict == "n/a" and "compiling:" in value
+    assert res["compiled_compile_s"] > res["compiled_group_s"] > 0
+    assert res["compiled_group_vs_alone"] == pytest.approx(res["compiled_group_s"] / res["member_alone_s"])
     # the ES overhead: perturb + restore against one member, the update against the group's iteration
     value, target, _ = row(rows, "perturb + restore per member / one member's fitness")
     assert target == "<= 2%" and value.startswith(f"{res['perturb_restore_s']:.3f} s / {res['fitness_s']:.3f} s")
@@ -124,7 +130,7 @@ def test_tiny_on_cpu(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_tiny_on_cuda_matches_cpu(tmp_path):
-    _, data = run_check("cuda", tmp_path / "check.json", timeout=300)
+    _, data = run_check("cuda", tmp_path / "check.json", 600)
     [res] = data["sizes"]
     assert res["base_hash_cpu"] == res["base_hash_device"]
     assert HEX64.match(res["hash_cpu"])

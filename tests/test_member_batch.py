@@ -21,7 +21,7 @@ from qes.identity import codes_sha256
 from qes.members import MemberGroup
 from qes.noise import NoiseSpec, member_seeds
 from qes.replay import engine_for_log, replay_steps
-from qes.runrecord import check_resumable
+from qes.runrecord import check_resumable, refuse_other_config
 from qes.seedlog import SeedLog, SeedLogError
 from qes.tasks.countdown import CountdownConfig, PromptStyle, build_prompt, generate_split
 from qes.train import train
@@ -154,6 +154,12 @@ def test_member_batch_resolution():
     assert resolve_member_batch(replace(cfg, prefix_cache="row"), "cuda", 8) == 1
     with pytest.raises(Exception, match="prefix_cache member"):
         resolve_member_batch(replace(cfg, prefix_cache="row", member_batch=4), "cpu", 8)
+    with pytest.raises(Exception, match="finetune.decode: compiled needs prefix_cache member"):
+        replace(cfg, prefix_cache="row", decode="compiled")
+    with pytest.raises(Exception, match="decode"):
+        replace(cfg, decode="graph")
+    with pytest.raises(ValueError, match="decode compiled needs prefix_cache member"):
+        GenerationConfig(prefix_cache="row", decode="compiled")
 
 
 def test_resume_refuses_another_fitness_path(tiny_gptq, tmp_path):
@@ -165,10 +171,11 @@ def test_resume_refuses_another_fitness_path(tiny_gptq, tmp_path):
     extra = {"base_checkpoint": str(base), "task_data": "train.parquet", "batch_prompts": cfg.batch_prompts,
              "max_new_tokens": cfg.max_new_tokens, "fitness": cfg.fitness_path()}
     train(model, quantized_linears(model), fitness, cfg.train, run_dir, extra)
-    assert json.loads((run_dir / "run.json").read_text())["fitness"] == {"member_batch": 1, "prefix_cache": "member"}
+    recorded = json.loads((run_dir / "run.json").read_text())["fitness"]
+    assert recorded == {"member_batch": 1, "prefix_cache": "member", "decode": "eager"}
     block = {**cfg.to_block(), "iterations": 2}
     check_resumable(run_dir, block, base, "train.parquet")  # the same path: fine
-    for change in ({"member_batch": 4}, {"prefix_cache": "row"}):
+    for change in ({"member_batch": 4}, {"prefix_cache": "row", "decode": "eager"}, {"decode": "compiled"}):
         with pytest.raises(SeedLogError, match="different 'fitness'.*allow_fitness_change"):
             check_resumable(run_dir, {**block, **change}, base, "train.parquet")
         check_resumable(run_dir, {**block, **change, "allow_fitness_change": True}, base, "train.parquet")
@@ -176,6 +183,14 @@ def test_resume_refuses_another_fitness_path(tiny_gptq, tmp_path):
     with pytest.raises(SeedLogError, match="different 'fitness'"):
         train(fresh, quantized_linears(fresh), fitness, replace(cfg.train, iterations=2), run_dir,
               {**extra, "fitness": {"member_batch": 4, "prefix_cache": "member"}})
+
+
+def test_fitness_path_recorded_before_decode_resumes_eager(tmp_path):
+    """run.json written before the decode steps could be compiled records two keys: those runs decoded eagerly."""
+    meta = {"max_new_tokens": 48, "fitness": {"member_batch": "auto", "prefix_cache": "member"}}
+    refuse_other_config(tmp_path, meta, {**meta, "fitness": {**meta["fitness"], "decode": "eager"}})
+    with pytest.raises(SeedLogError, match=r"different 'fitness'.*'decode': 'compiled'"):
+        refuse_other_config(tmp_path, meta, {**meta, "fitness": {**meta["fitness"], "decode": "compiled"}})
 
 
 def test_log_without_fitness_path_resumes_on_the_row_path(repo_root):
@@ -190,7 +205,8 @@ def test_log_without_fitness_path_resumes_on_the_row_path(repo_root):
                 "clamp": update["residual_clamp"]}
     block = {**train_block, "residual": residual, "batch_prompts": 16, "max_new_tokens": 48}
     args = (meta["base_checkpoint"], meta["task_data"])
-    with pytest.raises(SeedLogError, match=r"different 'fitness' \(log: \{'member_batch': 1, 'prefix_cache': 'row'\}"):
+    logged = r"\{'member_batch': 1, 'prefix_cache': 'row', 'decode': 'eager'\}"
+    with pytest.raises(SeedLogError, match=r"different 'fitness' \(log: " + logged):
         check_resumable(run_dir, block, *args)
     check_resumable(run_dir, {**block, "member_batch": 1, "prefix_cache": "row"}, *args)
     check_resumable(run_dir, {**block, "allow_fitness_change": True}, *args)

@@ -61,6 +61,9 @@ def finetune_conflicts(block: dict, prefix: str = "finetune") -> list[str]:
     if block.get("prefix_cache") == "row" and member_batch not in ("auto", 1):
         problems.append(f"{prefix}.member_batch: {member_batch} needs prefix_cache member (row scores one member "
                         "at a time)")
+    if block.get("prefix_cache") == "row" and block.get("decode", "eager") != "eager":
+        problems.append(f"{prefix}.decode: {block['decode']} needs prefix_cache member (row decodes through "
+                        "transformers' generate)")
     if block["shaping"] == "pair_zscore" and population < 4:
         problems.append(
             f"{prefix}.population: {population} with shaping pair_zscore can never update the codes (the z-score "

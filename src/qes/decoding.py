@@ -18,6 +18,14 @@ the quantized linears (:mod:`qes.members`) each member's rows run through its ow
 Decoding is greedy (``argmax``, the first maximum on ties, as ``generate``), left padding, a row stops at EOS or
 once its last tokens spell one of the stop strings, and never runs past ``max_new_tokens``; only the last
 position's logits are computed.
+
+With a :class:`StaticDecode` the decode steps have fixed shapes, so that ``torch.compile`` compiles them once and,
+on CUDA, captures them as a graph (``mode="reduce-overhead"``), as transformers does with its static cache: the
+buffers are zero-filled at full capacity (own tokens and prefix rounded up to ``STATIC_BUCKET``) and kept from
+call to call, a step writes its keys at a position held in a tensor, the masks are additive over the whole
+capacity and updated in place, and the members' corrections are fixed-size (:class:`qes.members.FixedCorrection`).
+The masked positions add exact zeros to the softmax, so the step computes the eager one's function up to float
+rounding.
 """
 
 from __future__ import annotations
@@ -25,11 +33,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import torch
 
 ATTENTION_NAME = "qes_cascade"
+#: the static decode path rounds the own-token capacity and the prefix length up to a multiple of this, so that
+#: chunks of slightly different lengths share one compiled step
+STATIC_BUCKET = 64
+
+
+@dataclass(frozen=True)
+class StaticDecode:
+    """Fixed-shape decode steps, compiled with ``torch.compile(backend=backend, mode=mode)``; ``backend=None``
+    runs the fixed-shape step eagerly (the reference the compiled step is tested against)."""
+
+    backend: str | None = "inductor"
+    mode: str | None = None
+
+    @classmethod
+    def for_device(cls, device: torch.device | str) -> StaticDecode:
+        """Inductor, with CUDA graphs on CUDA."""
+        return cls(mode="reduce-overhead" if torch.device(device).type == "cuda" else None)
 
 
 @dataclass
@@ -53,16 +79,21 @@ class CascadeCache:
     """
 
     def __init__(self, layers: int, members: int, rows: int, prefix_len: int, capacity: int, kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device):
+                 head_dim: int, dtype: torch.dtype, device: torch.device, static: StaticBuffers | None = None):
         self.members, self.rows_per_member = members, rows // members
-        self.prefix = [
-            (torch.empty(members, kv_heads, prefix_len, head_dim, dtype=dtype, device=device),
-             torch.empty(members, kv_heads, prefix_len, head_dim, dtype=dtype, device=device))
-            for _ in range(layers)
-        ] if prefix_len else None
-        shape = (rows, kv_heads, capacity, head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.prefix_len = prefix_len
+        self.static = static
+        if static is not None:
+            self.prefix, self.keys, self.values = static.prefix, static.keys, static.values
+        else:
+            self.prefix = [
+                (torch.empty(members, kv_heads, prefix_len, head_dim, dtype=dtype, device=device),
+                 torch.empty(members, kv_heads, prefix_len, head_dim, dtype=dtype, device=device))
+                for _ in range(layers)
+            ] if prefix_len else None
+            shape = (rows, kv_heads, capacity, head_dim)
+            self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+            self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.mode = "prefix"
         self.member = 0
         self.start = 0
@@ -83,20 +114,70 @@ class CascadeCache:
         keys, values = self.prefix[layer]
         if self.mode == "decode":
             return keys, values
-        at = slice(self.member, self.member + 1)
-        return keys[at], values[at]
+        at, length = slice(self.member, self.member + 1), slice(0, self.prefix_len)
+        return keys[at, :, length], values[at, :, length]
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer: int, *args: Any) -> tuple[torch.Tensor, ...]:
         if self.mode == "prefix":
             keys, values = self.prefix[layer]
-            keys[self.member].copy_(key[0])
-            values[self.member].copy_(value[0])
+            keys[self.member, :, : self.prefix_len].copy_(key[0])
+            values[self.member, :, : self.prefix_len].copy_(value[0])
             return key, value
+        if self.mode == "decode" and self.static is not None:  # fixed shapes: the whole capacity, mask decides
+            self.keys[layer].index_copy_(2, self.static.position, key)
+            self.values[layer].index_copy_(2, self.static.position, value)
+            return self.keys[layer], self.values[layer]
         end = self.start + key.shape[2]
         rows = self.row_slice
         self.keys[layer][rows, :, self.start : end] = key
         self.values[layer][rows, :, self.start : end] = value
         return self.keys[layer][rows, :, :end], self.values[layer][rows, :, :end]
+
+
+class StaticBuffers:
+    """The zero-filled, full-capacity tensors of a fixed-shape decode: keys and values (prefix per member, own
+    tokens per row), the additive masks over both and the write position. Kept on the model and reused by every
+    call of the same shape, so that a captured graph finds them where it recorded them."""
+
+    def __init__(self, layers: int, members: int, rows: int, prefix_cap: int, capacity: int, kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.shape = (layers, members, rows, prefix_cap, capacity, kv_heads, head_dim, dtype, device)
+        prefix = (members, kv_heads, prefix_cap, head_dim)
+        own = (rows, kv_heads, capacity, head_dim)
+        zeros = partial(torch.zeros, dtype=dtype, device=device)
+        self.prefix = [(zeros(prefix), zeros(prefix)) for _ in range(layers)] if prefix_cap else None
+        self.keys = [zeros(own) for _ in range(layers)]
+        self.values = [zeros(own) for _ in range(layers)]
+        self.mask = torch.zeros(rows, 1, 1, capacity, dtype=torch.float32, device=device)
+        self.prefix_mask = torch.zeros(1, 1, 1, prefix_cap, dtype=torch.float32, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        for tensor in self.tensors():
+            torch._dynamo.mark_static_address(tensor)
+
+    def tensors(self) -> list[torch.Tensor]:
+        pairs = (self.prefix or []) + list(zip(self.keys, self.values))
+        return [t for pair in pairs for t in pair] + [self.mask, self.prefix_mask, self.position]
+
+    def reset(self, real: torch.Tensor, prefix_len: int) -> None:
+        """Zero every buffer and open the mask on the real own tokens ``real [rows, capacity]`` and the prefix."""
+        for tensor in self.tensors():
+            tensor.zero_()
+        self.mask.masked_fill_(~real[:, None, None, :], torch.finfo(torch.float32).min)
+        self.prefix_mask[..., prefix_len:] = torch.finfo(torch.float32).min
+
+    def open(self, position: int) -> None:
+        """Let every row see the own token at ``position`` (written by the coming step)."""
+        self.position.fill_(position)
+        self.mask[..., position] = 0.0
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, *shape: Any) -> StaticBuffers:
+        """The model's buffers of this shape, allocated on first use (one shape is kept at a time)."""
+        held = getattr(model, "_qes_static_buffers", None)
+        if held is None or held.shape != shape:
+            model._qes_static_buffers = None  # free the old shape's memory first
+            held = model._qes_static_buffers = cls(*shape)
+        return held
 
 
 def cascade_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -111,7 +192,8 @@ def cascade_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         return out.transpose(1, 2).contiguous(), None
     prefix = cache.prefix_of(module.layer_idx)
     if cache.mode == "decode":
-        out = _decode_attention(query.float(), key, value, prefix, cache.mask, scaling)
+        prefix_mask = cache.static.prefix_mask if cache.static is not None else None
+        out = _decode_attention(query.float(), key, value, prefix, cache.mask, scaling, prefix_mask)
         return out.to(query.dtype), None
     return _prefill_attention(query, key, value, prefix, cache.allowed, scaling), None
 
@@ -138,9 +220,10 @@ def _prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 def _decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       prefix: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor,
-                      scaling: float) -> torch.Tensor:
+                      scaling: float, prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per row: the cascade. The query heads sharing a kv head are rows of one matrix (no
-    expanded keys), and all rows of a member face that member's prefix together, so it is read once."""
+    expanded keys), and all rows of a member face that member's prefix together, so it is read once.
+    ``prefix_mask``: additive, over a prefix padded to a fixed length (the static path)."""
     rows, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
@@ -155,6 +238,8 @@ def _decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     qp = q.reshape(members, per, kv_heads, group, dim).transpose(1, 2).reshape(members, kv_heads, per * group, dim)
     pre = torch.matmul(qp, p_key.transpose(-1, -2))  # [P, Hkv, B*G, L]
     pre = pre.reshape(members, kv_heads, per, group, length).transpose(1, 2).reshape(rows, kv_heads, group, length)
+    if prefix_mask is not None:
+        pre = pre + prefix_mask
     weights = torch.softmax(torch.cat([pre, own], dim=-1), dim=-1)
     out = torch.matmul(weights[..., length:], value)  # [R, Hkv, G, D]
     wp = weights[..., :length].reshape(members, per, kv_heads, group, length).transpose(1, 2)
@@ -242,6 +327,40 @@ def _forward(inner: Any, cache: CascadeCache, ids: torch.Tensor, positions: torc
     return hidden
 
 
+def _next_tokens(inner: Any, lm_head: Any, hidden: torch.Tensor) -> torch.Tensor:
+    return lm_head(inner.norm(hidden[:, -1:]))[:, -1].argmax(dim=-1)
+
+
+def _decode_step(inner: Any, lm_head: Any, cache: CascadeCache, ids: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+    """One decode step of every row: the next greedy token of each."""
+    return _next_tokens(inner, lm_head, _forward(inner, cache, ids, positions))
+
+
+_compiled: dict[tuple[str, str | None], Any] = {}
+
+
+def _static_step(plan: StaticDecode) -> Any:
+    if plan.backend is None:
+        return _decode_step
+    key = (plan.backend, plan.mode)
+    if key not in _compiled:
+        _compiled[key] = torch.compile(_decode_step, backend=plan.backend, mode=plan.mode, fullgraph=True,
+                                       dynamic=False)
+    compiled = _compiled[key]
+
+    def step(*args: Any) -> torch.Tensor:
+        if plan.mode == "reduce-overhead":  # a new replay of the captured graph may reuse its output memory,
+            torch.compiler.cudagraph_mark_step_begin()  # so each step is marked and its tokens copied out
+        return compiled(*args).clone()
+
+    return step
+
+
+def _bucket(length: int) -> int:
+    return -(-length // STATIC_BUCKET) * STATIC_BUCKET
+
+
 @torch.inference_mode()
 def greedy_group(
     model: torch.nn.Module,
@@ -252,6 +371,7 @@ def greedy_group(
     eos_token_id: int,
     stops: StopStrings | None = None,
     members: MemberScopes | None = None,
+    static: StaticDecode | None = None,
 ) -> Decoded:
     """Greedy continuations of B prompts ``[B, prefix_len + S]`` (left-padded after a shared prefix of
     ``prefix_len`` tokens) under each member of ``members`` (the model as it is when None); rows of the
@@ -259,7 +379,7 @@ def greedy_group(
 
     The prompts are run member by member under ``members.alone(m)`` (their work is the same per member
     whichever way it is batched), and every decode step for all members' rows at once under
-    ``members.together()``.
+    ``members.together()``; with ``static`` in fixed shapes, compiled as it says.
     """
     inner, lm_head = _model_parts(model)
     device = next(model.parameters()).device
@@ -268,10 +388,16 @@ def greedy_group(
     count, batch = scopes.size, input_ids.shape[0]
     suffix_ids = input_ids[:, prefix_len:].to(device)
     width = suffix_ids.shape[1]
-    real = torch.zeros(count * batch, width + max_new_tokens, dtype=torch.bool, device=device)
+    capacity = width + max_new_tokens if static is None else _bucket(width + max_new_tokens)
+    real = torch.zeros(count * batch, capacity, dtype=torch.bool, device=device)
     real[:, :width] = attention_mask[:, prefix_len:].to(device).bool().repeat(count, 1)
-    cache = CascadeCache(layers, count, count * batch, prefix_len, real.shape[1], kv_heads, head_dim,
-                         torch.float32, device)
+    buffers = None
+    if static is not None:
+        buffers = StaticBuffers.of(model, layers, count, count * batch, _bucket(prefix_len), capacity, kv_heads,
+                                   head_dim, torch.float32, device)
+        buffers.reset(real, prefix_len)
+    cache = CascadeCache(layers, count, count * batch, prefix_len, capacity, kv_heads, head_dim,
+                         torch.float32, device, buffers)
     counts = real[:batch, :width].long().cumsum(1)
     positions = prefix_len + (counts - 1).clamp(min=0)
     next_positions = (prefix_len + counts[:, -1]).repeat(count)
@@ -288,12 +414,16 @@ def greedy_group(
                 cache.mode = "rows"
                 last.append(_forward(inner, cache, suffix_ids, positions)[:, -1:])
         cache.mode = "decode"
-        hidden = torch.cat(last)
+        if buffers is not None:
+            cache.mask = buffers.mask
+        tokens = _next_tokens(inner, lm_head, torch.cat(last))
         out: list[list[int]] = [[] for _ in range(count * batch)]
         active = list(range(count * batch))
-        with scopes.together():
+        with scopes.together(fixed_shapes=static is not None):
+            step_fn = _static_step(static) if static is not None else _decode_step
+            if static is not None:
+                _sync_layers(model)
             for step in range(max_new_tokens):
-                tokens = lm_head(inner.norm(hidden[:, -1:]))[:, -1].argmax(dim=-1)
                 values = tokens.tolist()
                 for r in active:
                     out[r].append(values[r])
@@ -302,11 +432,24 @@ def greedy_group(
                 if not active or step + 1 == max_new_tokens:
                     break
                 cache.start = width + step
-                real[:, cache.start] = True
-                cache.mask = _decode_mask(real, cache.start + 1)
-                hidden = _forward(inner, cache, tokens[:, None], next_positions[:, None])
+                if buffers is not None:
+                    buffers.open(cache.start)
+                else:
+                    real[:, cache.start] = True
+                    cache.mask = _decode_mask(real, cache.start + 1)
+                tokens = step_fn(inner, lm_head, cache, tokens[:, None], next_positions[:, None])
                 next_positions = next_positions + 1
     return Decoded(out)
+
+
+def _sync_layers(model: torch.nn.Module) -> None:
+    """Bring every quantized layer's forward cache up to date: a compiled step does not look (the codes do not
+    change while a group decodes)."""
+    from qes.qlinear import GPTQLinear
+
+    for module in model.modules():
+        if isinstance(module, GPTQLinear):
+            module.sync_cache()
 
 
 class MemberScopes(Protocol):
@@ -316,7 +459,7 @@ class MemberScopes(Protocol):
 
     def alone(self, member: int) -> AbstractContextManager: ...
 
-    def together(self) -> AbstractContextManager: ...
+    def together(self, fixed_shapes: bool = False) -> AbstractContextManager: ...
 
 
 class _Unperturbed:
@@ -325,5 +468,5 @@ class _Unperturbed:
     def alone(self, member: int) -> AbstractContextManager:
         return nullcontext()
 
-    def together(self) -> AbstractContextManager:
+    def together(self, fixed_shapes: bool = False) -> AbstractContextManager:
         return nullcontext()

@@ -65,7 +65,7 @@ def finetune(
     log.info("finetune on %s", json.dumps(describe_compute(model)))
     full = load_batch(tokenizer, train_parquet)
     generation = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_prompts,
-                                  prefix_cache=cfg.prefix_cache)
+                                  prefix_cache=cfg.prefix_cache, decode=cfg.decode)
     member_batch = resolve_member_batch(cfg, device, len(ranks.members(cfg.train.population)))
     cache: dict[int, object] = {}
 

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 #: where a shared prompt prefix's keys and values are kept: once per member (qes.decoding) or once per row
 PREFIX_CACHES = ("member", "row")
+#: how the member decoder's steps run: as torch ops, or in fixed shapes through torch.compile
+DECODES = ("eager", "compiled")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ class GenerationConfig:
 
     ``prefix_cache``: ``member`` keeps the prefix once per member (:mod:`qes.decoding`, which also scores
     several members at once); ``row`` is transformers' ``generate`` with the prefix repeated per row.
+
+    ``decode``: ``eager`` runs the member decoder's steps as torch ops; ``compiled`` runs them in fixed shapes
+    through ``torch.compile`` (CUDA graphs on CUDA; :class:`qes.decoding.StaticDecode`).
     """
 
     max_new_tokens: int = 64
@@ -62,12 +67,17 @@ class GenerationConfig:
     share_prefix: bool = True
     stop_strings: tuple[str, ...] | None = None
     prefix_cache: str = "member"
+    decode: str = "eager"
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("max_new_tokens and batch_size must be >= 1")
         if self.prefix_cache not in PREFIX_CACHES:
             raise ValueError(f"prefix_cache must be one of {', '.join(PREFIX_CACHES)}, got {self.prefix_cache!r}")
+        if self.decode not in DECODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODES)}, got {self.decode!r}")
+        if self.decode != "eager" and self.prefix_cache != "member":
+            raise ValueError(f"decode {self.decode} needs prefix_cache member")
 
 
 @dataclass(frozen=True)
@@ -238,7 +248,7 @@ def generate_group(model: Any, batch: PromptBatch, cfg: GenerationConfig, member
                    ) -> tuple[list[list[str]], list[int]]:
     """Greedy responses of each member of ``members`` (a :class:`qes.members.MemberGroup`; the model as it is
     when None) for every prompt of ``batch``, and each member's number of generated tokens."""
-    from qes.decoding import StopStrings, greedy_group
+    from qes.decoding import StaticDecode, StopStrings, greedy_group
 
     if cfg.prefix_cache != "member":
         raise ValueError("scoring several members at once needs prefix_cache: member")
@@ -246,10 +256,11 @@ def generate_group(model: Any, batch: PromptBatch, cfg: GenerationConfig, member
     stops = StopStrings(batch.tokenizer, stop_strings(cfg, batch))
     responses: list[list[str]] = [[] for _ in range(count)]
     tokens = [0] * count
+    static = StaticDecode.for_device(next(model.parameters()).device) if cfg.decode == "compiled" else None
     for chunk in batch.chunks(cfg.batch_size, share_prefix=cfg.share_prefix):
         prefix = chunk.prefix_len if chunk.prefix_len >= MIN_SHARED_PREFIX else 0
         decoded = greedy_group(model, chunk.input_ids, chunk.attention_mask, prefix, cfg.max_new_tokens,
-                               batch.eos_token_id, stops, members)
+                               batch.eos_token_id, stops, members, static)
         rows = chunk.input_ids.shape[0]
         texts = batch.tokenizer.batch_decode(decoded.tokens, skip_special_tokens=True)
         for m in range(count):

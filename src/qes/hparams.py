@@ -55,6 +55,7 @@ class FinetuneConfig:
     max_new_tokens: int = 48
     member_batch: int | str = "auto"
     prefix_cache: str = "member"
+    decode: str = "eager"
     allow_fitness_change: bool = False
     device: str = "auto"
     backend: str = "auto"
@@ -72,7 +73,7 @@ class FinetuneConfig:
 
     def fitness_path(self) -> dict:
         """How members are scored, as run.json records it: a run keeps it unless allow_fitness_change."""
-        return {"member_batch": self.member_batch, "prefix_cache": self.prefix_cache}
+        return {"member_batch": self.member_batch, "prefix_cache": self.prefix_cache, "decode": self.decode}
 
     def to_block(self) -> dict:
         """The settings as the config's `finetune:` block (without the run name)."""

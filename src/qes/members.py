@@ -16,6 +16,12 @@ product's cost grows with the rows (measured at 1,312 rows: as much as the dense
 :meth:`MemberGroup.alone` runs it on the member's exact codes, perturbed in place and restored bit for bit.
 The deltas are the ones :meth:`qes.engine.Engine.perturb` adds (the same counter-based noise, gated at the
 code range) either way.
+
+A compiled or CUDA-graph-captured decode step (``finetune.decode: compiled``) needs the same shapes and tensor
+addresses from group to group, which a CSR matrix of the group's size cannot give. There
+(:meth:`MemberGroup.together` with ``fixed_shapes``) each layer's correction is a :class:`FixedCorrection`:
+the same ``(row, column, delta * scale)`` triplets as an index-select and an ``index_add`` over buffers of a
+capacity that only grows, padded with zeros, written in place for every group.
 """
 
 from __future__ import annotations
@@ -50,23 +56,13 @@ class MemberCorrection:
         self.members = len(deltas)
         out_f, in_f = module.out_features, module.in_features
         device = module.qweight.device
-        rows, cols, values = [], [], []
-        scales = module.scales.to(torch.float32)
-        g_idx = module.g_idx.long()
-        for m, d in enumerate(deltas):
-            if d is None or not d.o.numel():
-                continue
-            rows.append(d.o + m * out_f)
-            cols.append(d.i + m * in_f)
-            values.append(d.delta.to(torch.float32) * scales[g_idx[d.i], d.o])
+        rows, cols, values = _triplets(module, deltas)
         self.dtype = dtype
         self.shape = (self.members * out_f, self.members * in_f)
         if not rows:
             self.matrix = None
             return
-        row, col, value = torch.cat(rows), torch.cat(cols), torch.cat(values)
-        order = torch.argsort(row * self.shape[1] + col)
-        row, col, value = row[order], col[order], value[order]
+        row, col, value = _sorted(torch.cat(rows), torch.cat(cols), torch.cat(values), self.shape[1])
         counts = torch.bincount(row, minlength=self.shape[0])
         crow = torch.zeros(self.shape[0] + 1, dtype=torch.int64, device=device)
         crow[1:] = torch.cumsum(counts, 0)
@@ -94,6 +90,88 @@ class MemberCorrection:
         y = torch.sparse.mm(self.matrix, stacked)  # [P * out, R]
         out_f = self.shape[0] // p
         return out + y.reshape(p, out_f, r).transpose(1, 2).reshape(rows, out_f).to(out.dtype)
+
+
+def _triplets(module: GPTQLinear, deltas: Sequence[LayerDelta | None]
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Rows, columns and values ``delta * scale`` of the members' corrections as blocks of ``[P * out, P * in]``."""
+    out_f, in_f = module.out_features, module.in_features
+    scales = module.scales.to(torch.float32)
+    g_idx = module.g_idx.long()
+    rows, cols, values = [], [], []
+    for m, d in enumerate(deltas):
+        if d is None or not d.o.numel():
+            continue
+        rows.append(d.o + m * out_f)
+        cols.append(d.i + m * in_f)
+        values.append(d.delta.to(torch.float32) * scales[g_idx[d.i], d.o])
+    return rows, cols, values
+
+
+def _sorted(row: torch.Tensor, col: torch.Tensor, value: torch.Tensor, width: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    order = torch.argsort(row * width + col)
+    return row[order], col[order], value[order]
+
+
+#: a fixed correction's capacity grows to this many times what it must hold (rounded up to CAPACITY_STEP), so that
+#: the few groups that need more than the first one meet a capacity that already fits
+CAPACITY_HEADROOM = 1.25
+CAPACITY_STEP = 4096
+
+
+class FixedCorrection:
+    """:class:`MemberCorrection` in tensors of fixed size and place: the triplets of a group, zero-padded to the
+    layer's capacity, in buffers kept on the layer (``module.fixed_correction``) and rewritten for every group.
+
+    The product is ``index_add(rows, x[columns] * values)``: a padded entry adds ``0 * x`` to row 0. Shapes and
+    addresses change only when a group needs more than the capacity (a new, larger buffer) or a different
+    number of members or rows.
+    """
+
+    def __init__(self, module: GPTQLinear, deltas: Sequence[LayerDelta | None], dtype: torch.dtype):
+        self.members = len(deltas)
+        self.out_features, self.in_features = module.out_features, module.in_features
+        rows, cols, values = _triplets(module, deltas)
+        count = sum(int(r.numel()) for r in rows)
+        self.rows, self.cols, self.values = _buffers(module, count, dtype)
+        self.nnz = count
+        self.values.zero_()
+        self.rows.zero_()
+        self.cols.zero_()
+        if count:
+            row, col, value = _sorted(torch.cat(rows), torch.cat(cols), torch.cat(values),
+                                      self.members * self.in_features)
+            self.rows[:count] = row.to(self.rows.dtype)
+            self.cols[:count] = col.to(self.cols.dtype)
+            self.values[:count] = value.to(dtype)
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``out + correction(x)`` for member-major rows ``x [P * R, in]``, ``out [P * R, out]``."""
+        p, out_f, in_f = self.members, self.out_features, self.in_features
+        rows = x.shape[0]
+        r = rows // p
+        stacked = x.reshape(p, r, in_f).transpose(1, 2).reshape(p * in_f, r).to(self.values.dtype)
+        picked = stacked.index_select(0, self.cols) * self.values[:, None]
+        y = torch.zeros(p * out_f, r, dtype=self.values.dtype, device=x.device).index_add_(0, self.rows, picked)
+        return out + y.reshape(p, out_f, r).transpose(1, 2).reshape(rows, out_f).to(out.dtype)
+
+
+def _buffers(module: GPTQLinear, count: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's correction buffers, replaced by larger ones only when ``count`` entries do not fit."""
+    held = getattr(module, "fixed_correction", None)
+    if held is not None and held[0].numel() >= count and held[2].dtype == dtype:
+        return held
+    wanted = max(count, held[0].numel() if held is not None else 0)
+    capacity = -(-max(1, int(wanted * CAPACITY_HEADROOM)) // CAPACITY_STEP) * CAPACITY_STEP
+    device = module.qweight.device
+    index = torch.int32  # index_select and index_add take int32 indices: half the memory of int64
+    held = (torch.zeros(capacity, dtype=index, device=device), torch.zeros(capacity, dtype=index, device=device),
+            torch.zeros(capacity, dtype=dtype, device=device))
+    for tensor in held:  # a captured graph reads them where they are (see qes.decoding.StaticBuffers)
+        torch._dynamo.mark_static_address(tensor)
+    module.fixed_correction = held
+    return held
 
 
 def correction_dtype(compute: torch.dtype, device: torch.device) -> torch.dtype:
@@ -130,7 +208,9 @@ class MemberGroup:
             self.seconds += self.engine.clock() - start
 
     @contextmanager
-    def together(self) -> Iterator[None]:
+    def together(self, fixed_shapes: bool = False) -> Iterator[None]:
+        """All members on member-major rows; with ``fixed_shapes`` the corrections are :class:`FixedCorrection`
+        (what a compiled decode step needs), else CSR matrices."""
         if self.size == 1:  # one member runs on its exact perturbed codes
             with self.alone(0):
                 yield
@@ -138,10 +218,11 @@ class MemberGroup:
         start = self.engine.clock()
         deltas = [self.engine.member_deltas(seed, sign) for seed, sign in self.members]
         modules = {layer.name: layer.module for layer in self.engine.layers}
+        form = FixedCorrection if fixed_shapes else MemberCorrection
         try:
             for name, module in modules.items():
                 dtype = correction_dtype(self.dtype, module.qweight.device)
-                module.members = MemberCorrection(module, [d.get(name) for d in deltas], dtype)
+                module.members = form(module, [d.get(name) for d in deltas], dtype)
             del deltas
             self.seconds += self.engine.clock() - start
             yield

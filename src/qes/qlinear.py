@@ -25,7 +25,7 @@ from qes.packing import check_bits, unpack_along_cols
 
 if TYPE_CHECKING:
     from qes.backends.base import Backend
-    from qes.members import MemberCorrection
+    from qes.members import FixedCorrection, MemberCorrection
 
 __all__ = [
     "GPTQLinear",
@@ -107,7 +107,9 @@ class GPTQLinear(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
         self.backend: Backend | None = None
         #: set while a group of perturbed members is scored at once (qes.members.members_installed)
-        self.members: MemberCorrection | None = None
+        self.members: MemberCorrection | FixedCorrection | None = None
+        #: (rows, columns, values) buffers that FixedCorrection reuses from group to group
+        self.fixed_correction: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
         name = self.backend.name if self.backend is not None else "none"
@@ -153,7 +155,8 @@ class GPTQLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend is None:
             raise RuntimeError("GPTQLinear has no backend; load the model with qes.checkpoint.load_quantized")
-        self.sync_cache()
+        if not torch.compiler.is_compiling():  # a compiled decode step syncs its layers before it runs
+            self.sync_cache()
         rows = x.reshape(-1, self.in_features)
         out = self.backend.forward(self, rows)
         if self.members is not None:  # the correction sees the input as rounded for the base product

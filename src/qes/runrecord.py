@@ -46,7 +46,7 @@ def stage_meta(cfg: FinetuneConfig, quantized_dir: str | Path, train_parquet: st
 
 
 #: the fitness path of runs logged before run.json recorded one: transformers' generate, one member at a time
-LEGACY_FITNESS = {"member_batch": 1, "prefix_cache": "row"}
+LEGACY_FITNESS = {"member_batch": 1, "prefix_cache": "row", "decode": "eager"}
 
 
 def _comparable(meta: dict, fitness_may_change: bool = False) -> dict:
@@ -61,6 +61,8 @@ def _comparable(meta: dict, fitness_may_change: bool = False) -> dict:
         out["train"] = {**out["train"], "update": update}
     if not fitness_may_change and "fitness" not in out and "max_new_tokens" in out:
         out["fitness"] = LEGACY_FITNESS  # a finetune-stage log from before the fitness path was recorded
+    if isinstance(out.get("fitness"), dict) and "decode" not in out["fitness"]:
+        out["fitness"] = {**out["fitness"], "decode": "eager"}  # recorded before decode could be compiled
     return out
 
 def _without_length(meta: dict) -> dict:
