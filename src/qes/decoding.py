@@ -30,6 +30,7 @@ rounding.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -340,9 +341,25 @@ def _decode_step(inner: Any, lm_head: Any, cache: CascadeCache, ids: torch.Tenso
 _compiled: dict[tuple[str, str | None], Any] = {}
 
 
+def _inductor_cache_per_capability() -> None:
+    """Give each CPU capability an inductor cache folder of its own, unless the user chose one.
+
+    inductor picks its CPU vector ISA from ``ATEN_CPU_CAPABILITY``, but its on-disk cache does not key every
+    artifact by it: with torch 2.13, kernels cached under ``ATEN_CPU_CAPABILITY=avx2`` and loaded under the
+    machine's AVX-512 decoded garbage or crashed the process.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+        capability = torch.backends.cpu.get_cpu_capability().lower()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}-{capability}"
+
+
 def _static_step(plan: StaticDecode) -> Any:
     if plan.backend is None:
         return _decode_step
+    if plan.backend == "inductor":
+        _inductor_cache_per_capability()
     key = (plan.backend, plan.mode)
     if key not in _compiled:
         _compiled[key] = torch.compile(_decode_step, backend=plan.backend, mode=plan.mode, fullgraph=True,
