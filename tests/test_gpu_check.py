@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +49,8 @@ def row(rows: dict[str, tuple[str, str, str]], starts: str) -> tuple[str, str, s
 
 
 def test_tiny_on_cpu(tmp_path):
-    result, data = run_check("cpu", tmp_path / "check.json", 480, "--decode", "both")
+    compiler = shutil.which(os.environ.get("CXX", "g++")) is not None  # inductor builds C++ kernels on the CPU
+    result, data = run_check("cpu", tmp_path / "check.json", 480, "--decode", "both" if compiler else "eager")
     lines = result.stdout.splitlines()
     assert lines[0].startswith("device: CPU, capability ")
     assert lines[1].startswith(f"torch {torch.__version__}")
@@ -100,12 +103,12 @@ def test_tiny_on_cpu(tmp_path):
     for key in ("member_alone_s", "member_group_s", "member_group_vs_alone", "member_group_throughput_ratio"):
         assert math.isfinite(res[key]) and res[key] > 0, (key, res[key])
     assert row(rows, "4 members scored together")[2] == "n/a", "the group targets are for GPUs"
-    # the same group with compiled decode steps: the eager group's responses, in float32
-    assert row(rows, "responses, compiled decode = eager")[0] == "16/16 rows"
-    value, target, verdict = row(rows, "4 members together, compiled decode")
-    assert target == "<= 3x on a GPU" and verdict == "n/a" and "compiling:" in value
-    assert res["compiled_compile_s"] > res["compiled_group_s"] > 0
-    assert res["compiled_group_vs_alone"] == pytest.approx(res["compiled_group_s"] / res["member_alone_s"])
+    if compiler:  # the same group with compiled decode steps: the eager group's responses, in float32
+        assert row(rows, "responses, compiled decode = eager")[0] == "16/16 rows"
+        value, target, verdict = row(rows, "4 members together, compiled decode")
+        assert target == "<= 3x on a GPU" and verdict == "n/a" and "compiling:" in value
+        assert res["compiled_compile_s"] > res["compiled_group_s"] > 0
+        assert res["compiled_group_vs_alone"] == pytest.approx(res["compiled_group_s"] / res["member_alone_s"])
     # the ES overhead: perturb + restore against one member, the update against the group's iteration
     value, target, _ = row(rows, "perturb + restore per member / one member's fitness")
     assert target == "<= 2%" and value.startswith(f"{res['perturb_restore_s']:.3f} s / {res['fitness_s']:.3f} s")

@@ -106,3 +106,11 @@ def test_inductor_compiled_step_decodes_the_eager_tokens(tiny_gptq):
     eager = _decode(model, batch, chunk, MemberGroup(engine, MEMBERS, torch.float32), None, tokens=6)
     compiled = _decode(model, batch, chunk, MemberGroup(engine, MEMBERS, torch.float32), StaticDecode(), tokens=6)
     assert compiled == eager
+
+
+def test_compiled_decode_on_a_cpu_without_a_compiler_is_refused(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    with pytest.raises(RuntimeError, match="finetune.decode: compiled on the CPU needs a C\\+\\+ compiler.*"
+                                           "'no-such-c\\+\\+-compiler' is not on PATH.*decode: eager"):
+        StaticDecode.for_device("cpu")
+    assert StaticDecode.for_device("cuda") == StaticDecode(mode="reduce-overhead")

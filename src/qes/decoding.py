@@ -31,6 +31,7 @@ rounding.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -55,8 +56,14 @@ class StaticDecode:
 
     @classmethod
     def for_device(cls, device: torch.device | str) -> StaticDecode:
-        """Inductor, with CUDA graphs on CUDA."""
-        return cls(mode="reduce-overhead" if torch.device(device).type == "cuda" else None)
+        """Inductor, with CUDA graphs on CUDA; refused on a CPU without the C++ compiler inductor builds with."""
+        if torch.device(device).type == "cuda":
+            return cls(mode="reduce-overhead")
+        compiler = os.environ.get("CXX", "g++")
+        if shutil.which(compiler) is None:
+            raise RuntimeError(f"finetune.decode: compiled on the CPU needs a C++ compiler for torch.compile "
+                               f"(inductor), and {compiler!r} is not on PATH (set CXX to another); use decode: eager")
+        return cls()
 
 
 @dataclass

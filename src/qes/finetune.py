@@ -54,12 +54,15 @@ def finetune(
     """Run (or resume) QES on a quantized checkpoint with the task's training prompts."""
     from qes.checkpoint import describe_compute, load_quantized
     from qes.codes import quantized_linears
+    from qes.decoding import StaticDecode
     from qes.dist import close_ranks, init_ranks
     from qes.generation import GenerationConfig, load_batch, score, score_group
     from qes.train import train
 
     refuse_overlap(run_dir, {"model": quantized_dir, "train": train_parquet}, "--run-dir")
     device = resolve_device(cfg.device)
+    if cfg.decode == "compiled":
+        StaticDecode.for_device(device)  # refuses a CPU that cannot compile, before any work
     ranks = init_ranks(device)
     model, tokenizer = load_quantized(quantized_dir, device=device, dtype=cfg.dtype, backend=cfg.backend)
     log.info("finetune on %s", json.dumps(describe_compute(model)))
