@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from qes.decoding import cpu_compiler
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "benchmarks" / "gpu_check.py"
@@ -49,7 +49,7 @@ def row(rows: dict[str, tuple[str, str, str]], starts: str) -> tuple[str, str, s
 
 
 def test_tiny_on_cpu(tmp_path):
-    compiler = shutil.which(os.environ.get("CXX", "g++")) is not None  # inductor builds C++ kernels on the CPU
+    compiler = cpu_compiler() is not None  # inductor builds C++ kernels on the CPU
     result, data = run_check("cpu", tmp_path / "check.json", 480, "--decode", "both" if compiler else "eager")
     lines = result.stdout.splitlines()
     assert lines[0].startswith("device: CPU, capability ")

@@ -4,15 +4,12 @@ dynamo as one graph and compiled by inductor, and buffers that stay in place fro
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 import torch
 
 from qes.checkpoint import load_quantized
 from qes.codes import quantized_linears
-from qes.decoding import STATIC_BUCKET, StaticDecode, greedy_group
+from qes.decoding import STATIC_BUCKET, StaticDecode, cpu_compiler, greedy_group
 from qes.engine import Engine
 from qes.generation import MIN_SHARED_PREFIX, make_batch
 from qes.members import FixedCorrection, MemberCorrection, MemberGroup
@@ -98,7 +95,7 @@ def test_dynamo_traces_the_step_as_one_graph_and_keeps_it(tiny_gptq):
     assert counters["stats"]["unique_graphs"] == 1
 
 
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor needs a C++ compiler")
+@pytest.mark.skipif(cpu_compiler() is None, reason="inductor needs a C++ compiler")
 def test_inductor_compiled_step_decodes_the_eager_tokens(tiny_gptq):
     torch._dynamo.reset()
     model, tokenizer, engine = _model(tiny_gptq(4))

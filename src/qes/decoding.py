@@ -59,11 +59,20 @@ class StaticDecode:
         """Inductor, with CUDA graphs on CUDA; refused on a CPU without the C++ compiler inductor builds with."""
         if torch.device(device).type == "cuda":
             return cls(mode="reduce-overhead")
-        compiler = os.environ.get("CXX", "g++")
-        if shutil.which(compiler) is None:
+        if cpu_compiler() is None:
             raise RuntimeError(f"finetune.decode: compiled on the CPU needs a C++ compiler for torch.compile "
-                               f"(inductor), and {compiler!r} is not on PATH (set CXX to another); use decode: eager")
+                               f"(inductor), and {_compiler_name()!r} is not on PATH (set CXX to another); use "
+                               "decode: eager")
         return cls()
+
+
+def _compiler_name() -> str:
+    return os.environ.get("CXX", "g++")  # what inductor builds its CPU kernels with
+
+
+def cpu_compiler() -> str | None:
+    """The path of the C++ compiler inductor would use on the CPU, or None when there is none."""
+    return shutil.which(_compiler_name())
 
 
 @dataclass
