@@ -74,6 +74,7 @@ rule experiment_summary:
     params:
         experiments=lambda wildcards: config["experiments"],
         bits=lambda wildcards: config["quantize"]["bits"],
+        seed_logs=lambda wildcards: [seed_log_dir(run) for run in experiment_runs()],
     script:
         "../scripts/experiment_summary.py"
 

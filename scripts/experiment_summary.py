@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from qes.diagnostics import experiment_signal
 from qes.experiments import ExperimentConfig, plot_curves, plot_scores, summarize, table, write_report
 from qes.logutil import log_to
 
@@ -13,11 +14,19 @@ with log_to(snakemake.log[0]) as log:
         point: json.loads(Path(path).read_text())
         for point, path in zip(points, snakemake.input.points)
     }
-    summary = summarize(scores, cfg, snakemake.params.bits)
+    metrics = dict(zip(cfg.runs(), snakemake.input.metrics))
+    signal = experiment_signal(
+        cfg.methods,
+        cfg.seeds,
+        dict(zip(cfg.runs(), snakemake.params.seed_logs)),
+        metrics,
+        cfg.iterations,
+    )
+    summary = summarize(scores, cfg, snakemake.params.bits, signal)
     write_report(summary, snakemake.output.summary, snakemake.output.table)
     plot_scores(summary, snakemake.output.scores)
     plot_curves(
-        dict(zip(cfg.runs(), snakemake.input.metrics)),
+        metrics,
         cfg,
         snakemake.output.curves,
         snakemake.params.bits,

@@ -354,7 +354,12 @@ def test_experiments_score_every_curve_point_from_the_seed_logs(workflow_run: Pa
         assert [p["iteration"] for p in curve] == [0, 1, 2]
         assert [p["accuracy"]["values"] for p in curve] == [[base["accuracy"]]] + [[p["accuracy"]] for p in scored]
         assert summary["methods"][method]["accuracy_gain"] == scored[1]["accuracy"] - base["accuracy"]
+        # the training signal is read from the same log
+        signal = summary["signal"][method]
+        assert signal["iterations"] == 2
+        assert signal["all_equal"] == sum(len(set(r.rewards)) == 1 for r in log.records)
     table = (report / "table.md").read_text()
+    assert "Training signal, from the seed logs" in table
     assert "| QES, seed replay |" in table and "| base (GPTQ INT4, untuned) |" in table
     assert "Scored on 4 training-set problems" in table
     for png in ("score_curves.png", "reward_curves.png"):

@@ -229,9 +229,11 @@ def _label(name: str, default_bits: int) -> str:
     return Method.parse(name).label(default_bits)
 
 
-def summarize(scores: dict[tuple[str, int], dict], cfg: ExperimentConfig, default_bits: int) -> dict:
+def summarize(scores: dict[tuple[str, int], dict], cfg: ExperimentConfig, default_bits: int,
+              signal: dict[str, dict | None] | None = None) -> dict:
     """Per method: the scores at every curve point (mean, std and values over seeds), the final one, and its
-    difference to the method's base in points and in units of the seed-to-seed standard deviation."""
+    difference to the method's base in points and in units of the seed-to-seed standard deviation; with
+    `signal` (qes.diagnostics.experiment_signal), what the seed logs say about each method's updates."""
     methods: dict[str, dict] = {}
     for base in cfg.bases(default_bits):
         final = {k: _mean_std([scores[(base, 0)][k]]) for k in KEYS}
@@ -253,11 +255,13 @@ def summarize(scores: dict[tuple[str, int], dict], cfg: ExperimentConfig, defaul
     some_base = cfg.bases(default_bits)[0]
     return {"methods": methods, "n": scores[(some_base, 0)]["n"], "split": cfg.score_split,
             "seeds": list(cfg.seeds), "iterations": cfg.iterations, "curve_points": cfg.curve_points(),
-            "sigma": cfg.sigma, "alpha": cfg.alpha, "batch_prompts": cfg.batch_prompts}
+            "sigma": cfg.sigma, "alpha": cfg.alpha, "batch_prompts": cfg.batch_prompts,
+            **({"signal": signal} if signal is not None else {})}
 
 
 def table(summary: dict) -> str:
-    """Markdown: the final scores per method, then the accuracy at every curve point."""
+    """Markdown: the final scores per method, the accuracy at every curve point, and the training signal
+    read from the seed logs when the summary has it."""
     split = "held-out" if summary["split"] == "eval" else "training-set"
     lines = [
         f"Scored on {summary['n']} {split} problems (greedy), after {summary['iterations']} iterations; "
@@ -282,6 +286,11 @@ def table(summary: dict) -> str:
             continue
         cells = {p["iteration"]: f"{p['accuracy']['mean']:.3f} ± {p['accuracy']['std']:.3f}" for p in method["curve"]}
         lines.append(f"| {method['label']} | " + " | ".join(cells.get(t, "") for t in points) + " |")
+    if summary.get("signal"):
+        from qes.diagnostics import signal_table
+
+        labels = {name: method["label"] for name, method in summary["methods"].items()}
+        lines += ["", signal_table(summary["signal"], labels)]
     return "\n".join(lines)
 
 
