@@ -19,6 +19,7 @@ with log_to(snakemake.log[0]) as log:
         evaluate,
         snakemake.output.point,
         snakemake.output.examples,
+        snakemake.params.states or None,
     )
     log.info(
         "%s at iteration %s: accuracy %.3f, format rate %.3f, mean reward %.3f (n = %d)",

@@ -189,14 +189,18 @@ def summarize_sweep(metrics: dict[str, str | Path], cfg: ExperimentConfig) -> di
 
 
 def score_point(base: str | Path, log_dir: str | Path | None, iteration: int, eval_parquet: str | Path,
-                cfg: EvaluateConfig, out_json: str | Path, out_examples: str | Path) -> dict:
+                cfg: EvaluateConfig, out_json: str | Path, out_examples: str | Path,
+                state_dir: str | Path | None = None) -> dict:
     """Metrics of one curve point on the scoring split: the base itself at iteration 0, otherwise the run's
     seed log replayed onto the base up to `iteration` (its chain, the base's identity and every hash
-    checkpoint on the way verified), in memory on the evaluation's own backend."""
+    checkpoint on the way verified), in memory on the evaluation's own backend. With `state_dir`, the
+    replay starts from this log's latest verified snapshot there (qes.replaystate) and leaves one at
+    `iteration` for the next point."""
     import tempfile
 
     from qes.evaluate import evaluate_loaded, load_for_evaluation
-    from qes.replay import engine_for_log, point_check, replay_steps, unchecked_note
+    from qes.replay import point_check, replay_steps, unchecked_note
+    from qes.replaystate import engine_at, save_snapshot
     from qes.seedlog import SeedLog, SeedLogError
 
     point: dict = {"iteration": iteration}
@@ -209,11 +213,13 @@ def score_point(base: str | Path, log_dir: str | Path | None, iteration: int, ev
             raise SeedLogError(f"cannot score {log_dir} at iteration {iteration}: it holds {seedlog.iterations}")
     model, tokenizer = load_for_evaluation(base, cfg)
     if seedlog is not None:
-        engine = engine_for_log(model, seedlog)
-        replay_steps(engine, seedlog, stop=iteration)
+        engine, start = engine_at(model, seedlog, iteration, state_dir)
+        replay_steps(engine, seedlog, start=start, stop=iteration)
         point |= {"seed_log": str(log_dir), "codes_sha256": engine.codes_sha256(), **point_check(seedlog, iteration)}
         if point["check"] == "unchecked":
             log.warning("%s: %s", log_dir, unchecked_note({**point, "iterations": iteration}))
+        if state_dir is not None:
+            save_snapshot(state_dir, seedlog, iteration, model)
     name = f"{log_dir} at iteration {iteration}" if seedlog is not None else str(base)
     with tempfile.TemporaryDirectory() as tmp:
         metrics = evaluate_loaded(model, tokenizer, name, eval_parquet, cfg, Path(tmp) / "metrics.json",

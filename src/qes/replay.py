@@ -40,6 +40,11 @@ def engine_for_log(model: torch.nn.Module, seedlog: SeedLog, base: dict | None =
     Any backend will do: the engine changes the GPTQ integers and keeps every backend's cache in step,
     so a log replays to the same codes whichever forward path the model was loaded with.
     """
+    return Engine(check_model_for_log(model, seedlog, base), seedlog.noise, seedlog.update)
+
+
+def check_model_for_log(model: torch.nn.Module, seedlog: SeedLog, base: dict | None = None) -> list[LayerCodes]:
+    """The model's quantized layers, after checking them and the model's base identity against the log."""
     layers = quantized_linears(model)
     found = layer_manifest(layers)
     if found != seedlog.meta["layers"]:
@@ -52,7 +57,7 @@ def engine_for_log(model: torch.nn.Module, seedlog: SeedLog, base: dict | None =
                 )
         raise SeedLogError(f"the model has {len(found)} quantized layers, the seed log {len(seedlog.meta['layers'])}")
     seedlog.verify_base(base or base_identity(model, codes_sha256(layers)))
-    return Engine(layers, seedlog.noise, seedlog.update)
+    return layers
 
 
 def replay_steps(

@@ -1,0 +1,95 @@
+"""Replay snapshots: a later point starts from a verified snapshot and reaches the same codes as from the base."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from _synthetic_run import CFG, fitness_of
+
+from qes.checkpoint import load_quantized
+from qes.codes import quantized_linears
+from qes.identity import codes_sha256
+from qes.replay import replay_steps
+from qes.replaystate import engine_at, save_snapshot
+from qes.seedlog import SeedLog
+from qes.train import train
+from qes.update import UpdateConfig
+
+
+@pytest.fixture(scope="module", params=["replay", "none", "stored"])
+def run(request, tiny_gptq, tmp_path_factory) -> tuple[Path, Path, str]:
+    """A finished 6-iteration run (checkpoints after 2, 4 and 6) in one residual mode: (base, log, final hash)."""
+    torch.set_num_threads(1)
+    base = tiny_gptq(4)
+    cfg = dataclasses.replace(CFG, update=UpdateConfig(mode=request.param, window=3))
+    run_dir = tmp_path_factory.mktemp(f"run-{request.param}")
+    model, _ = load_quantized(base, backend="dense")
+    final = train(model, quantized_linears(model), fitness_of(model), cfg, run_dir)
+    return base, run_dir, final
+
+
+def _replay(base: Path, run_dir: Path, stop: int, states: Path | None) -> tuple[torch.nn.Module, int, str]:
+    seedlog = SeedLog.open(run_dir)
+    model, _ = load_quantized(base, backend="dense")
+    engine, start = engine_at(model, seedlog, stop, states)
+    replay_steps(engine, seedlog, start=start, stop=stop)
+    return model, start, engine.codes_sha256()
+
+
+def test_a_later_point_starts_from_the_snapshot_and_reaches_the_logged_codes(run, tmp_path) -> None:
+    base, run_dir, final = run
+    seedlog = SeedLog.open(run_dir)
+    model, start, at_4 = _replay(base, run_dir, 4, tmp_path)
+    assert start == 0 and at_4 == seedlog.records[3].checkpoint
+    saved = save_snapshot(tmp_path, seedlog, 4, model)
+    if seedlog.update.mode == "stored":  # its residual is state the snapshot would not hold
+        assert saved is None and not list(tmp_path.iterdir())
+        return
+    assert saved == tmp_path / f"{seedlog.records[3].record_sha256}.safetensors"
+    # seed replay needs the window before iteration 4 back in the engine's history to get this right
+    _, start, at_6 = _replay(base, run_dir, 6, tmp_path)
+    assert (start, at_6) == (4, final)
+
+
+def test_only_checked_iterations_are_kept_and_older_snapshots_go(run, tmp_path) -> None:
+    base, run_dir, _ = run
+    seedlog = SeedLog.open(run_dir)
+    if seedlog.update.mode == "stored":
+        pytest.skip("stored-residual runs keep no snapshots")
+    model, _, _ = _replay(base, run_dir, 3, None)
+    assert save_snapshot(tmp_path, seedlog, 3, model) is None  # no hash in the log after iteration 3
+    model, _, _ = _replay(base, run_dir, 2, None)
+    first = save_snapshot(tmp_path, seedlog, 2, model)
+    model, _, _ = _replay(base, run_dir, 4, tmp_path)
+    second = save_snapshot(tmp_path, seedlog, 4, model)
+    assert not first.exists() and sorted(tmp_path.iterdir()) == [second]
+    with pytest.raises(ValueError, match="not those the log holds after iteration 6"):
+        save_snapshot(tmp_path, seedlog, 6, model)
+
+
+def test_a_snapshot_with_other_codes_is_ignored(run, tmp_path, caplog) -> None:
+    base, run_dir, final = run
+    seedlog = SeedLog.open(run_dir)
+    if seedlog.update.mode == "stored":
+        pytest.skip("stored-residual runs keep no snapshots")
+    model, _, _ = _replay(base, run_dir, 4, None)
+    path = save_snapshot(tmp_path, seedlog, 4, model)
+    # the same file name holding the codes after iteration 2: a snapshot that lies about its place
+    model, _, _ = _replay(base, run_dir, 2, None)
+    from safetensors.torch import save_file
+
+    layers = quantized_linears(model)
+    save_file({x.name: x.qweight.clone() for x in layers}, str(path),
+              metadata={"format": "qes-replay-state/1"})
+    with caplog.at_level(logging.WARNING):
+        fresh, _ = load_quantized(base, backend="dense")
+        base_codes = codes_sha256(fresh)
+        engine, start = engine_at(fresh, seedlog, 6, tmp_path)
+    assert start == 0 and codes_sha256(fresh) == base_codes
+    assert f"ignoring replay snapshot {path}" in caplog.text and "the log holds" in caplog.text
+    replay_steps(engine, seedlog, stop=6)
+    assert engine.codes_sha256() == final
