@@ -92,11 +92,6 @@ def point_seed_log(name):
     return [] if name.startswith("base-") else seed_log_dir(name)
 
 
-def point_states(name):
-    """Where a run's curve points keep their replay snapshot (derived data; safe to delete)."""
-    return [] if name.startswith("base-") else f"results/experiments/states/{name}"
-
-
 def point_summary(name):
     """A run's curve points need the finished run; `ancient` keeps them when the run later grows."""
     if name.startswith("base-"):

@@ -37,7 +37,6 @@ rule experiment_point:
         mem_mb=6000,
     params:
         seed_log=lambda wildcards: point_seed_log(wildcards.name),
-        states=lambda wildcards: point_states(wildcards.name),
         evaluate=lambda wildcards: config["evaluate"],
         limit=lambda wildcards: config["experiments"]["eval_limit"],
         device=lambda wildcards: resolved_device(),

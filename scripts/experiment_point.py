@@ -6,6 +6,10 @@ from qes.evaluate import EvaluateConfig
 from qes.experiments import score_point
 from qes.logutil import log_to
 
+# Replay snapshots are derived data beside the points, not a rule parameter: a new parameter would make
+# Snakemake re-score every point already made under --rerun-triggers params.
+states = f"results/experiments/states/{snakemake.wildcards.name}" if snakemake.params.seed_log else None
+
 with log_to(snakemake.log[0]) as log:
     torch.set_num_threads(snakemake.threads)
     evaluate = EvaluateConfig.from_block(
@@ -19,7 +23,7 @@ with log_to(snakemake.log[0]) as log:
         evaluate,
         snakemake.output.point,
         snakemake.output.examples,
-        snakemake.params.states or None,
+        states,
     )
     log.info(
         "%s at iteration %s: accuracy %.3f, format rate %.3f, mean reward %.3f (n = %d)",
