@@ -85,6 +85,14 @@ def replay_steps(
     return stop
 
 
+def checked_hash(seedlog: SeedLog, iteration: int) -> str | None:
+    """The codes hash the log holds for the state after `iteration` iterations (> 0), or None."""
+    finished = seedlog.finished
+    if finished is not None and finished["iterations"] == iteration:
+        return finished["codes_sha256"]
+    return seedlog.records[iteration - 1].checkpoint
+
+
 def point_check(seedlog: SeedLog, iterations: int) -> dict:
     """How the codes after `iterations` logged iterations are checked by a replay that stops there.
 
@@ -95,10 +103,10 @@ def point_check(seedlog: SeedLog, iterations: int) -> dict:
     finished = seedlog.finished
     if iterations == 0:
         return {"check": "checked", "checked_against": "the base identity in run.json"}
-    if finished is not None and finished["iterations"] == iterations:
-        return {"check": "checked", "checked_against": "final.json"}
-    if seedlog.records[iterations - 1].checkpoint is not None:
-        return {"check": "checked", "checked_against": f"the hash checkpoint after iteration {iterations}"}
+    if checked_hash(seedlog, iterations) is not None:
+        at_end = finished is not None and finished["iterations"] == iterations
+        where = "final.json" if at_end else f"the hash checkpoint after iteration {iterations}"
+        return {"check": "checked", "checked_against": where}
     points = sorted({t + 1 for t, r in enumerate(seedlog.records) if r.checkpoint is not None}
                     | ({finished["iterations"]} if finished is not None else set()))
     later = [p for p in points if p > iterations]

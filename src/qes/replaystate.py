@@ -27,7 +27,7 @@ import torch
 from qes.codes import LayerCodes, quantized_linears
 from qes.engine import Engine
 from qes.identity import codes_sha256
-from qes.replay import check_model_for_log
+from qes.replay import check_model_for_log, checked_hash
 from qes.seedlog import SeedLog
 
 log = logging.getLogger(__name__)
@@ -36,14 +36,6 @@ FORMAT = "qes-replay-state/1"
 SUFFIX = ".safetensors"
 #: residual modes whose engine state is the codes plus the log
 SNAPSHOT_MODES = ("replay", "none")
-
-
-def checked_hash(seedlog: SeedLog, iteration: int) -> str | None:
-    """The codes hash the log holds for the state after `iteration` iterations (> 0), or None."""
-    finished = seedlog.finished
-    if finished is not None and finished["iterations"] == iteration:
-        return finished["codes_sha256"]
-    return seedlog.records[iteration - 1].checkpoint
 
 
 def _path(state_dir: Path, seedlog: SeedLog, iteration: int) -> Path:
