@@ -1,7 +1,9 @@
 # The comparison of the paper on the configured model: `snakemake experiments` trains every method of
 # `experiments.methods` for every seed (runs exp-<method>-s<seed>, through the finetune rule), scores the
 # base and each run at its curve points (the seed log replayed to that iteration) on the same prompts, and
-# writes the tables and figures to experiments.report_dir.
+# writes the tables and figures to experiments.report_dir. Every scored point is kept there too
+# (curve_points/): a later run, on any machine, reuses a kept point whose inputs are unchanged
+# (qes.pointstore).
 # `snakemake sweep` scores the step-size candidates of `experiments.sweep` on the training reward only.
 
 
@@ -47,6 +49,7 @@ rule experiment_point:
 rule experiment_summary:
     input:
         points=lambda wildcards: experiment_point_files(),
+        examples=lambda wildcards: experiment_point_files("_examples.parquet"),
         metrics=lambda wildcards: expand(
             "results/finetune/{run}/metrics.parquet", run=experiment_runs()
         ),
@@ -57,6 +60,7 @@ rule experiment_summary:
             category="Experiments",
         ),
         table=report_file("table.md"),
+        kept=directory(report_file("curve_points")),
         scores=report(
             report_file("score_curves.png"),
             caption="../workflow/report/score_curves.rst",

@@ -8,7 +8,9 @@ from qes.logutil import log_to
 
 # Replay snapshots are derived data beside the points, not a rule parameter: a new parameter would make
 # Snakemake re-score every point already made under --rerun-triggers params.
+# Points kept beside the report (qes.pointstore) are found the same way, from the report folder.
 states = f"results/experiments/states/{snakemake.wildcards.name}" if snakemake.params.seed_log else None
+committed = f"{snakemake.config['experiments']['report_dir']}/curve_points/{snakemake.wildcards.name}"
 
 with log_to(snakemake.log[0]) as log:
     torch.set_num_threads(snakemake.threads)
@@ -24,6 +26,7 @@ with log_to(snakemake.log[0]) as log:
         snakemake.output.point,
         snakemake.output.examples,
         states,
+        committed,
     )
     log.info(
         "%s at iteration %s: accuracy %.3f, format rate %.3f, mean reward %.3f (n = %d)",

@@ -6,6 +6,7 @@ from pathlib import Path
 from qes.diagnostics import experiment_signal
 from qes.experiments import ExperimentConfig, plot_curves, plot_scores, summarize, table, write_report
 from qes.logutil import log_to
+from qes.pointstore import publish_points
 
 with log_to(snakemake.log[0]) as log:
     cfg = ExperimentConfig.from_dict(snakemake.params.experiments)
@@ -31,4 +32,5 @@ with log_to(snakemake.log[0]) as log:
         snakemake.output.curves,
         snakemake.params.bits,
     )
+    publish_points(dict(zip(points, snakemake.input.points)), snakemake.output.kept)
     log.info("mean ± std over seeds:\n%s", table(summary))

@@ -6,6 +6,7 @@ Runs in a temporary copy of the workflow files, so the checkout's results/ is ne
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -369,3 +370,15 @@ def test_experiments_score_every_curve_point_from_the_seed_logs(workflow_run: Pa
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = _snakemake(workflow_run, "experiments", *EXPERIMENT_CONFIG)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+    # every point is kept beside the report; with the points gone and the summary due (as in a fresh clone)
+    # each is reused, not re-scored
+    kept = sorted(p.relative_to(report / "curve_points") for p in (report / "curve_points").rglob("it-*"))
+    assert kept == sorted(p.relative_to(points) for p in points.rglob("it-*"))
+    assert all((report / "curve_points" / p).read_bytes() == (points / p).read_bytes() for p in kept)
+    shutil.rmtree(points)
+    (report / "summary.json").unlink()
+    fresh = _snakemake(workflow_run, "experiments", *EXPERIMENT_CONFIG)
+    assert fresh.returncode == 0, failure_report(workflow_run, fresh)
+    logs = workflow_run / "logs/experiments/points"
+    assert all("reused" in (logs / p.parent / f"{p.stem}.log").read_text() for p in kept if p.suffix == ".json")
+    assert json.loads((report / "summary.json").read_text())["methods"] == summary["methods"]

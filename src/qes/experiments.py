@@ -190,15 +190,17 @@ def summarize_sweep(metrics: dict[str, str | Path], cfg: ExperimentConfig) -> di
 
 def score_point(base: str | Path, log_dir: str | Path | None, iteration: int, eval_parquet: str | Path,
                 cfg: EvaluateConfig, out_json: str | Path, out_examples: str | Path,
-                state_dir: str | Path | None = None) -> dict:
+                state_dir: str | Path | None = None, committed: str | Path | None = None) -> dict:
     """Metrics of one curve point on the scoring split: the base itself at iteration 0, otherwise the run's
     seed log replayed onto the base up to `iteration` (its chain, the base's identity and every hash
     checkpoint on the way verified), in memory on the evaluation's own backend. With `state_dir`, the
     replay starts from this log's latest verified snapshot there (qes.replaystate) and leaves one at
-    `iteration` for the next point."""
+    `iteration` for the next point. With `committed`, a point kept there (qes.pointstore) is reused instead
+    when it was scored from the same inputs."""
     import tempfile
 
     from qes.evaluate import evaluate_loaded, load_for_evaluation
+    from qes.pointstore import point_key, reuse_point
     from qes.replay import point_check, replay_steps, unchecked_note
     from qes.replaystate import engine_at, save_snapshot
     from qes.seedlog import SeedLog, SeedLogError
@@ -212,6 +214,10 @@ def score_point(base: str | Path, log_dir: str | Path | None, iteration: int, ev
         if iteration > seedlog.iterations:
             raise SeedLogError(f"cannot score {log_dir} at iteration {iteration}: it holds {seedlog.iterations}")
     model, tokenizer = load_for_evaluation(base, cfg)
+    key = point_key(model, seedlog, iteration, eval_parquet, cfg)
+    if committed is not None and (kept := reuse_point(committed, iteration, key, out_json, out_examples)):
+        return kept
+    point["key"] = key
     if seedlog is not None:
         engine, start = engine_at(model, seedlog, iteration, state_dir)
         replay_steps(engine, seedlog, start=start, stop=iteration)

@@ -1,0 +1,96 @@
+"""Committed curve points: a scored point is kept beside the report and reused while its inputs are unchanged.
+
+Scoring a point costs a replay of the seed log plus a greedy evaluation (minutes per point on a CPU), and
+`results/` does not travel with a clone. A point's scores are a function of the base checkpoint, the log
+up to its iteration, the scoring data, the evaluation settings and the arithmetic they ran on, so each
+point records a key over exactly those (`point_key`). The summary copies every point it read into
+``<report_dir>/curve_points/<name>/`` (`publish_points`); the next time that point is asked for, anywhere,
+the committed copy is reused only if its key equals the key computed there (`reuse_point`), and scored
+again otherwise. A reward implemented in code that changed without changing the data is not in the key: delete
+the folder to re-score everything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from qes.evaluate import EvaluateConfig
+    from qes.seedlog import SeedLog
+
+log = logging.getLogger(__name__)
+
+#: the parts of a model's compute record (qes.checkpoint) that can change its greedy completions
+COMPUTE_KEYS = ("device", "gpu", "dtype", "backends", "int4pack_dtype", "cpu_capability", "cpu_native_bf16")
+
+
+def data_sha256(parquet: str | Path) -> str:
+    """Hash of a task parquet's rows and task metadata, independent of how the file's bytes were laid out."""
+    import pyarrow.parquet as pq
+
+    from qes.logchain import canonical_sha256
+
+    table = pq.read_table(parquet)
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items() if k != b"ARROW:schema"}
+    return canonical_sha256(json.loads(json.dumps({"meta": meta, "rows": table.to_pylist()}, default=str)))
+
+
+def point_key(model: torch.nn.Module, seedlog: SeedLog | None, iteration: int, eval_parquet: str | Path,
+              cfg: EvaluateConfig) -> dict[str, Any]:
+    """``{"sha256": ..., "parts": {...}}`` over what a point's scores depend on. Call it on the base model,
+    before any replay: the log record at `iteration` then pins the codes the point evaluates."""
+    from dataclasses import asdict
+
+    from qes.checkpoint import describe_compute
+    from qes.identity import base_identity
+    from qes.logchain import canonical_sha256
+
+    compute = describe_compute(model)
+    parts = {
+        "base": base_identity(model)["sha256"],
+        "record": seedlog.records[iteration - 1].record_sha256 if seedlog is not None and iteration else None,
+        "data": data_sha256(eval_parquet),
+        "evaluate": asdict(cfg),
+        "compute": {k: compute[k] for k in COMPUTE_KEYS if k in compute},
+    }
+    return {"sha256": canonical_sha256(parts), "parts": parts}
+
+
+def _files(folder: Path, iteration: int) -> tuple[Path, Path]:
+    return folder / f"it-{iteration}.json", folder / f"it-{iteration}_examples.parquet"
+
+
+def reuse_point(committed: str | Path, iteration: int, key: dict[str, Any], out_json: str | Path,
+                out_examples: str | Path) -> dict | None:
+    """The committed point at `iteration` copied to the outputs if its key is `key`; None (outputs untouched)
+    when there is none or it was scored from something else."""
+    point_json, examples = _files(Path(committed), iteration)
+    if not (point_json.is_file() and examples.is_file()):
+        return None
+    point = json.loads(point_json.read_text())
+    stored = point.get("key") or {}
+    if stored.get("sha256") != key["sha256"]:
+        differ = sorted(k for k in key["parts"] if (stored.get("parts") or {}).get(k) != key["parts"][k])
+        log.info("%s was scored from other inputs (%s differ): scoring it again", point_json, ", ".join(differ))
+        return None
+    shutil.copyfile(examples, out_examples)
+    shutil.copyfile(point_json, out_json)
+    log.info("%s: reused (key %s)", point_json, key["sha256"])
+    return point
+
+
+def publish_points(points: dict[tuple[str, int], str | Path], folder: str | Path) -> None:
+    """Copy every scored point (its JSON and the examples beside it) into ``folder/<name>/``."""
+    folder = Path(folder)
+    for (name, iteration), path in points.items():
+        point_json, examples = _files(folder / name, iteration)
+        source_json, source_examples = _files(Path(path).parent, iteration)
+        point_json.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source_examples, examples)
+        shutil.copyfile(source_json, point_json)

@@ -1,0 +1,108 @@
+"""Committed curve points: reused only when scored from the same inputs, scored again otherwise."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from _synthetic_run import CFG, fitness_of
+
+import qes.evaluate
+from qes.checkpoint import load_quantized
+from qes.codes import quantized_linears
+from qes.evaluate import EvaluateConfig
+from qes.experiments import score_point
+from qes.pointstore import data_sha256, publish_points
+from qes.seedlog import SeedLog
+from qes.tasks import make_task_data
+from qes.train import train
+
+EVALUATE = EvaluateConfig(max_new_tokens=6, batch_size=4, limit=4, backend="dense", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_gptq, tiny_float_dir, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(base, a finished 6-iteration seed-replay run, a held-out file of 4 Countdown problems)."""
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(1)
+    base = tiny_gptq(4)
+    folder = tmp_path_factory.mktemp("points")
+    model, _ = load_quantized(base, backend="dense")
+    train(model, quantized_linears(model), fitness_of(model), CFG, folder / "run")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_float_dir)
+    make_task_data({"name": "countdown", "train_size": 4, "eval_size": 4}, tokenizer, folder / "train.parquet",
+                   folder / "eval.parquet")
+    return base, folder / "run", folder / "eval.parquet"
+
+
+def _score(setup, out: Path, committed: Path | None, iteration: int = 4, cfg: EvaluateConfig = EVALUATE) -> dict:
+    base, run, data = setup
+    out.mkdir(parents=True, exist_ok=True)
+    return score_point(base, run, iteration, data, cfg, out / f"it-{iteration}.json",
+                       out / f"it-{iteration}_examples.parquet", committed=committed)
+
+
+def _refuse_scoring(monkeypatch) -> None:
+    def fail(*args, **kwargs):
+        raise AssertionError("the point was scored although a committed copy matched")
+
+    monkeypatch.setattr(qes.evaluate, "evaluate_loaded", fail)
+
+
+def test_a_published_point_is_reused_with_its_examples(setup, tmp_path, monkeypatch, caplog) -> None:
+    first = _score(setup, tmp_path / "a", None)
+    assert first["key"]["parts"]["record"] == SeedLog.open(setup[1]).records[3].record_sha256
+    publish_points({("exp-replay-s0", 4): tmp_path / "a" / "it-4.json"}, tmp_path / "report")
+    committed = tmp_path / "report" / "exp-replay-s0"
+    assert sorted(p.name for p in committed.iterdir()) == ["it-4.json", "it-4_examples.parquet"]
+
+    _refuse_scoring(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="qes.pointstore"):
+        again = _score(setup, tmp_path / "b", committed)
+    assert again == first and "reused" in caplog.text
+    assert (tmp_path / "b" / "it-4.json").read_bytes() == (tmp_path / "a" / "it-4.json").read_bytes()
+    examples = [pq.read_table(tmp_path / d / "it-4_examples.parquet").to_pylist() for d in ("a", "b")]
+    assert examples[0] == examples[1] and len(examples[0]) == 4
+
+
+def test_other_inputs_are_scored_again(setup, tmp_path, monkeypatch, caplog) -> None:
+    _score(setup, tmp_path / "a", None)
+    publish_points({("run", 4): tmp_path / "a" / "it-4.json"}, tmp_path / "report")
+    committed = tmp_path / "report" / "run"
+    scored: list[str] = []
+    real = qes.evaluate.evaluate_loaded
+
+    def counting(model, tokenizer, name, *args):
+        scored.append(name)
+        return real(model, tokenizer, name, *args)
+
+    monkeypatch.setattr(qes.evaluate, "evaluate_loaded", counting)
+    shorter = dataclasses.replace(EVALUATE, max_new_tokens=5)
+    with caplog.at_level(logging.INFO, logger="qes.pointstore"):
+        point = _score(setup, tmp_path / "b", committed, cfg=shorter)
+    assert scored and point["key"]["parts"]["evaluate"]["max_new_tokens"] == 5
+    assert "(evaluate differ)" in caplog.text
+
+    # a committed point from another log record (here: another iteration's file under this name)
+    (committed / "it-4.json").rename(committed / "it-2.json")
+    (committed / "it-4_examples.parquet").rename(committed / "it-2_examples.parquet")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="qes.pointstore"):
+        point = _score(setup, tmp_path / "c", committed, iteration=2)
+    assert len(scored) == 2 and "(record differ)" in caplog.text
+    assert point["iteration"] == 2
+
+
+def test_the_data_hash_reads_rows_and_task_not_bytes(setup, tmp_path) -> None:
+    data = setup[2]
+    table = pq.read_table(data)
+    pq.write_table(table, tmp_path / "same.parquet", compression="none", row_group_size=1)
+    assert (tmp_path / "same.parquet").read_bytes() != data.read_bytes()
+    assert data_sha256(tmp_path / "same.parquet") == data_sha256(data)
+    pq.write_table(table.slice(0, 3), tmp_path / "fewer.parquet")
+    assert data_sha256(tmp_path / "fewer.parquet") != data_sha256(data)
