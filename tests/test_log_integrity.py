@@ -274,6 +274,7 @@ def _altered_base(base: Path, tmp_path: Path, tensor_suffix: str | None = None, 
 @pytest.mark.parametrize(
     ("suffix", "config_edit", "part"),
     [
+        (".qweight", None, "codes"),
         (".scales", None, "scales"),
         (".qzeros", None, "zeros"),
         ("embed_tokens.weight", None, "tensors"),
@@ -285,9 +286,11 @@ def _altered_base(base: Path, tmp_path: Path, tensor_suffix: str | None = None, 
 def test_altered_base_is_refused_naming_the_part(run, tmp_path: Path, suffix, config_edit, part: str) -> None:
     base, run_dir, _ = run
     altered = _altered_base(base, tmp_path, suffix, config_edit)
-    with pytest.raises(SeedLogError, match=f"base checkpoint mismatch in {part}:"):
+    with pytest.raises(SeedLogError, match=f"base checkpoint mismatch in {part}:") as refused:
         replay_checkpoint(altered, run_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    # other codes are what quantizing again on another kind of CPU gives: the message says so
+    assert ("not the same on Intel and AMD CPUs" in str(refused.value)) == (part == "codes")
 
 
 def test_replayed_checkpoint_carries_the_base_parts(run, tmp_path: Path) -> None:

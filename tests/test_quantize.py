@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qes.checkpoint import load_quantized
+from qes.checkpoint import cpu_model, load_quantized
 from qes.codes import quantized_linears
 from qes.identity import codes_sha256
 from qes.quantize import QuantizeConfig, quantize_model
@@ -198,6 +198,7 @@ def test_codes_do_not_depend_on_cpu_kernels_or_threads(tmp_path: Path) -> None:
     )
     assert first["caller"] == {"cpu_capability": "DEFAULT", "threads": 1}
     assert first["numerics"]["threads"] == 1
+    assert first["numerics"]["cpu_model"] == cpu_model()
     for report in (first, second):  # GPTQ never runs on a GPU, and the report says so
         assert report["numerics"]["CUDA_VISIBLE_DEVICES"] == "" and report["numerics"]["cuda_devices_visible"] == 0
     if len(os.sched_getaffinity(0)) > 1:

@@ -306,9 +306,16 @@ class SeedLog:
             for part in differ
         )
         names = ", ".join(differ) or "identity"
+        hint = ""
+        if "codes" in differ:
+            hint = (
+                "; a base quantized again on another kind of CPU can differ (GPTQ's float arithmetic follows "
+                "MKL's code path, which is not the same on Intel and AMD CPUs: the CPU is in the base's "
+                "quant_report.json), so replay the log onto the checkpoint it was made from"
+            )
         raise SeedLogError(
             f"base checkpoint mismatch in {names}: the seed log {self.path} was made from a different base "
-            f"({detail})"
+            f"({detail}){hint}"
         )
 
     def read_step(self, iteration: int) -> LoggedStep:

@@ -250,8 +250,12 @@ def _gptq_pass(
 
 
 def _numerics() -> dict[str, Any]:
-    """The kernel settings this process runs under."""
+    """The kernel settings this process runs under, and the CPU: MKL honours a pinned code path
+    (``MKL_CBWR``) only on Intel CPUs, so the codes can differ between CPU vendors."""
+    from qes.checkpoint import cpu_model
+
     return {
+        "cpu_model": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "hessian_factorization_threads": 1,
