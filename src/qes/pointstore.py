@@ -26,8 +26,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: the parts of a model's compute record (qes.checkpoint) that can change its greedy completions
-COMPUTE_KEYS = ("device", "gpu", "dtype", "backends", "int4pack_dtype", "cpu_capability", "cpu_native_bf16")
+#: the parts of a model's compute record (qes.checkpoint) that can change its greedy completions; the CPU
+#: model too, since MKL and oneDNN choose their kernels by CPU, not only by instruction set
+COMPUTE_KEYS = ("device", "gpu", "dtype", "backends", "int4pack_dtype", "cpu_model", "cpu_capability",
+                "cpu_native_bf16")
 
 
 def data_sha256(parquet: str | Path) -> str:
