@@ -32,9 +32,11 @@ from qes.quantize.settings import QuantizeConfig
 #: allow it: torch's AVX2 kernels (also on AVX-512 CPUs, whose own kernels round differently), MKL's AVX2
 #: code branch in strict reproducibility mode (bitwise the same matrix products for any thread count on
 #: Intel CPUs with AVX2 or AVX-512), no dynamic thread counts. MKL honours a code branch on Intel CPUs
-#: only; elsewhere it picks its own kernels, so codes computed on an Intel and on an AMD CPU may differ
-#: (``MKL_CBWR=COMPATIBLE``, MKL's vendor-independent branch, would close that gap at about 2.7 times
-#: the GPTQ time). The Hessian factorization runs on one thread (:func:`_instrumented_gptq`).
+#: only; elsewhere it picks its own kernels, so codes computed on an Intel and on an AMD CPU differ, and
+#: no code branch chosen on an Intel CPU gives the AMD codes (docs/BENCHMARKS.md). ``MKL_CBWR=COMPATIBLE``,
+#: the branch MKL offers on both vendors, may close that gap at about twice the GPTQ time; that it gives the
+#: same codes on both vendors is not yet measured. The Hessian factorization runs on one thread
+#: (:func:`_instrumented_gptq`).
 #: The child never sees a GPU (``CUDA_VISIBLE_DEVICES`` empty): GPTQModel would quantize on it and give codes
 #: that depend on the GPU (a seed log from such a base replays nowhere else), and would try to build CUDA
 #: kernels, for which the environments bring no compiler.
