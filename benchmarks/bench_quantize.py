@@ -16,13 +16,14 @@ dtype -- the stage itself always uses float32; the other dtypes are there to com
 * ``rel. logit err`` / ``next-token agree`` -- ``quality`` of ``quant_report.json``;
 * ``codes`` -- the first 12 hex digits of ``codes_sha256``.
 
-GPTQ's codes follow MKL's code path, and MKL keeps to a pinned path only on Intel CPUs, so the codes of one
-setting can differ between CPU vendors. To compare vendors, run on each
+GPTQ's codes follow MKL's code path. MKL keeps to a pinned path on both CPU vendors only for ``COMPATIBLE``
+(the stage's); ``AVX2`` and the others are Intel-only, so their codes can differ between vendors. To compare
+vendors, run on each
 
     python benchmarks/bench_quantize.py --model results/models/smollm2-135m-instruct --dtypes float32 \
-        --mkl-paths AVX2,STRICT COMPATIBLE,STRICT
+        --mkl-paths COMPATIBLE,STRICT AVX2,STRICT
 
-and compare the ``codes`` column: ``COMPATIBLE`` is the path MKL offers on both vendors.
+and compare the ``codes`` column.
 
 bf16 runs under the same pinned kernel settings as float32 (:data:`qes.quantize.gptq.GPTQ_NUMERICS_ENV`), so on a
 CPU with native bf16 its time here is not what an unpinned bf16 run would take.

@@ -9,7 +9,7 @@ import pytest
 from qes.diagnostics import experiment_signal, run_signal, signal_table, step_signal
 from qes.update import quantize_coefficients, shape_rewards
 
-ROOT = Path(__file__).resolve().parents[1]
+LOGS = Path(__file__).resolve().parent / "data" / "logs"  # real seed logs kept as fixtures (see its README)
 SEEDS = (11, 11, 22, 22, 33, 33, 44, 44)
 SIGNS = (1, -1) * 4
 
@@ -37,8 +37,8 @@ def test_equal_rewards_and_unmirrored_members() -> None:
     assert step_signal((0.1, 0.2, 0.3), (1, 2, 3), (1, 1, 1), (5, 0, -5)) is None
 
 
-def test_committed_arithmetic_logs_give_the_counts_results_quotes() -> None:
-    runs = ROOT / "experiments" / "arithmetic" / "runs"
+def test_arithmetic_logs_give_their_known_counts() -> None:
+    runs = LOGS / "arithmetic"
     methods, seeds = ("quzo", "stored", "replay"), (0, 1, 2)
     names = [f"exp-{m}-s{s}" for m in methods for s in seeds]
     signal = experiment_signal(methods, seeds, {n: runs / n for n in names},
@@ -54,7 +54,7 @@ def test_committed_arithmetic_logs_give_the_counts_results_quotes() -> None:
 
 
 def test_countdown_pairs_rarely_tie() -> None:
-    run = ROOT / "experiments" / "countdown" / "runs" / "exp-replay-s1"
+    run = LOGS / "countdown-replay-s1"
     signal = run_signal(run, run / "metrics.parquet", 50)
     assert (signal.iterations, signal.all_equal, signal.one_pair) == (50, 0, 0)
     assert signal.tied_magnitude / signal.total_magnitude < 0.02
@@ -63,7 +63,7 @@ def test_countdown_pairs_rarely_tie() -> None:
 def test_a_log_shorter_than_the_report_is_refused() -> None:
     from qes.seedlog import SeedLogError
 
-    run = ROOT / "experiments" / "countdown" / "runs" / "exp-replay-s1"
+    run = LOGS / "countdown-replay-s1"
     with pytest.raises(SeedLogError, match="50 logged iterations, the report needs 51"):
         run_signal(run, run / "metrics.parquet", 51)
 
@@ -71,7 +71,7 @@ def test_a_log_shorter_than_the_report_is_refused() -> None:
 def test_the_report_table_carries_the_signal() -> None:
     from qes.experiments import ExperimentConfig, summarize, table
 
-    run = ROOT / "experiments" / "countdown" / "runs" / "exp-replay-s1"
+    run = LOGS / "countdown-replay-s1"
     cfg = ExperimentConfig(methods=("replay",), seeds=(1,), iterations=50)
     signal = experiment_signal(("replay",), (1,), {"exp-replay-s1": run},
                                {"exp-replay-s1": run / "metrics.parquet"}, 50)

@@ -248,7 +248,7 @@ def test_every_finished_run_ends_with_a_checkpoint(tiny_gptq, tmp_path: Path) ->
 
 
 def test_a_log_without_a_last_checkpoint_still_verifies_replays_and_continues(run, log: Path, tmp_path: Path) -> None:
-    """The shape of logs written before every last record carried the final hash (experiments/pilot)."""
+    """The shape of logs written before every last record carried the final hash (tests/data/logs/pilot-replay-s0)."""
     base, run_dir, final = run
     rewrite_step(log, 5, metadata=lambda meta: meta.pop(b"qes.codes_sha256"))
     rechain(log, 5)
@@ -284,7 +284,11 @@ def test_a_partial_replay_off_the_checkpoint_grid_is_unchecked(run, log: Path, t
     assert (report["iterations"], report["check"], report["nearest_checkpoint"]) == (3, "unchecked", 2)
 
 
-@pytest.mark.parametrize("log_dir", sorted(str(p.relative_to(REPO)) for p in REPO.glob("experiments/*/runs/*")))
+COMMITTED_LOGS = sorted(p.parent.relative_to(REPO) for p in REPO.glob("experiments/*/runs/*/run.json")) + sorted(
+    p.parent.relative_to(REPO) for p in REPO.glob("tests/data/logs/**/run.json"))
+
+
+@pytest.mark.parametrize("log_dir", [str(p) for p in COMMITTED_LOGS])
 def test_committed_logs_still_verify(log_dir: str) -> None:
     result = _qes("verify-log", str(REPO / log_dir), "--partial")
     assert result.returncode == 0, result.stderr

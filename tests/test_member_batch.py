@@ -196,7 +196,7 @@ def test_fitness_path_recorded_before_decode_resumes_eager(tmp_path):
 def test_log_without_fitness_path_resumes_on_the_row_path(repo_root):
     """A seed log written before run.json recorded the fitness path was scored one member at a time by
     transformers' generate; resuming it asks for that path (or allow_fitness_change)."""
-    run_dir = repo_root / "experiments/pilot/runs/exp-replay-s0"
+    run_dir = repo_root / "tests/data/logs/pilot-replay-s0"
     meta = SeedLog.open(run_dir).meta
     assert "fitness" not in meta
     train_block = {k: v for k, v in meta["train"].items() if k != "update"}

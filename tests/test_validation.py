@@ -270,11 +270,11 @@ def test_experiment_logs_live_where_the_config_says(workdir: Path, tiny_gptq) ->
     from qes.train import train
 
     model, _ = load_quantized(tiny_gptq(4), backend="dense")
-    committed = workdir / "experiments/pilot/runs/exp-replay-s0"
+    committed = workdir / "experiments/mine/runs/exp-replay-s0"
     train(model, quantized_linears(model), fitness_of(model), TrainConfig(iterations=1, population=4), committed)
     target = "results/finetune/exp-replay-s0/summary.json"
-    setting = "experiments={log_dir: experiments/pilot/runs}"
+    setting = "experiments={log_dir: experiments/mine/runs}"
     result = snakemake(workdir, "--cores", "1", "-n", target, "--config", setting)
     assert result.returncode != 0
-    assert "experiments/pilot/runs/exp-replay-s0 holds a run with a different" in result.stdout + result.stderr
+    assert "experiments/mine/runs/exp-replay-s0 holds a run with a different" in result.stdout + result.stderr
     assert snakemake(workdir, "--cores", "1", "-n", target).returncode == 0  # results/runs/ is used by default

@@ -94,11 +94,12 @@ def test_codes_identity_matches_report(workflow_run: Path) -> None:
 # `auto` runs it on a CPU without native bf16 (float32 model, int4 matmuls on bf16 activations). Measured on an
 # AVX2 CPU: 50/64 identical greedy completions of 48 tokens (greedy decoding of a 135M model amplifies the bf16
 # rounding), mean reward 0.044 vs 0.047, and next-token agreement 0.999 (3,171 prompt positions of the first 8
-# prompts, teacher-forced). A wrong layout or zero point lands far outside these margins (agreement near 0,
-# see the note on MIN_AGREEMENT above).
+# prompts, teacher-forced). On the base GPTQ makes on MKL's COMPATIBLE branch (an AVX-512 Intel Xeon): mean
+# reward 0.053 vs 0.031, i.e. one problem solved (1/64) and a few answers in the format apart. A wrong layout
+# or zero point lands far outside these margins (agreement near 0, see the note on MIN_AGREEMENT above).
 BACKEND_PROMPTS = 64
 MIN_SAME_COMPLETIONS = 0.70
-MAX_REWARD_DIFFERENCE = 0.02
+MAX_REWARD_DIFFERENCE = 0.04
 MIN_NEXT_TOKEN_AGREEMENT = 0.97
 
 
@@ -324,7 +325,9 @@ def test_own_dataset_with_numeric_reward(workflow_run: Path) -> None:
 EXPERIMENT_CONFIG = [
     "--config",
     "finetune={population: 4, max_new_tokens: 8, checkpoint_every: 1}",
-    "evaluate={max_new_tokens: 8, batch_size: 4}",
+    # `auto` picks the evaluate backend by a timing that can flip on a busy machine, and a point scored on
+    # another backend is (rightly) scored again: pin it, so that kept points are reused
+    "evaluate={max_new_tokens: 8, batch_size: 4, backend: dense}",
     "task={train_size: 16, eval_size: 8}",
     "experiments={methods: [replay], seeds: [0], iterations: 2, batch_prompts: 2, curve_every: 1, "
     "eval_limit: 4, score_split: train, report_dir: reports/exp}",

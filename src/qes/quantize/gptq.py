@@ -1,9 +1,10 @@
-"""GPTQ in a child process whose kernels are pinned, so the codes do not depend on the caller's thread count,
-on torch's instruction-set choice or on a GPU.
+"""GPTQ in a child process whose kernels and thread count are pinned, so the codes do not depend on the
+caller's thread count, on torch's instruction-set choice or on a GPU, and (by MKL's documentation) not on
+the CPU's vendor.
 
 :func:`run_gptq` starts the child under :func:`gptq_environment`; the child (:func:`main`) loads the float
-model, quantizes it with GPTQModel (instrumented: the dtypes it computes in are recorded, the Hessian is
-factorized on one thread) and saves the checkpoint with the float model's own dtype for what stays float.
+model, quantizes it with GPTQModel (instrumented: the dtypes it computes in are recorded) and saves the
+checkpoint with the float model's own dtype for what stays float.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
@@ -29,23 +29,26 @@ from qes.quantize.settings import QuantizeConfig
 #: Kernel settings of the process that runs GPTQ (see :func:`run_gptq`). GPTQ is chaotic in the last bits
 #: of its inputs: one different rounding anywhere in the calibration forward passes or Hessians changes
 #: about one code in eight of the whole model. So GPTQ runs with the same kernels wherever the libraries
-#: allow it: torch's AVX2 kernels (also on AVX-512 CPUs, whose own kernels round differently), MKL's AVX2
-#: code branch in strict reproducibility mode (bitwise the same matrix products for any thread count on
-#: Intel CPUs with AVX2 or AVX-512), no dynamic thread counts. MKL honours a code branch on Intel CPUs
-#: only; elsewhere it picks its own kernels, so codes computed on an Intel and on an AMD CPU differ, and
-#: no code branch chosen on an Intel CPU gives the AMD codes (docs/BENCHMARKS.md). ``MKL_CBWR=COMPATIBLE``,
-#: the branch MKL offers on both vendors, may close that gap at about twice the GPTQ time; that it gives the
-#: same codes on both vendors is not yet measured. The Hessian factorization runs on one thread
-#: (:func:`_instrumented_gptq`).
+#: allow it: torch's AVX2 kernels (also on AVX-512 CPUs, whose own kernels round differently), MKL's
+#: ``COMPATIBLE`` code branch in reproducibility mode, one thread. ``COMPATIBLE`` (SSE2 without the
+#: approximate reciprocal instructions, whose results differ between vendors) is the one branch MKL
+#: honours on Intel and AMD CPUs alike; a vendor-specific branch such as ``AVX2`` is taken on Intel CPUs
+#: only, and elsewhere MKL silently falls back to its automatic choice, so the codes would follow the CPU's
+#: vendor (docs/BENCHMARKS.md, "GPTQ codes across CPU vendors"). MKL's thread-count invariant ("strict")
+#: mode exists for its AVX2 and AVX-512 branches only: under ``COMPATIBLE`` the codes differ between 2 and
+#: 4 threads, so the child computes on one thread (GPTQModel's worker threads still quantize modules side
+#: by side).
 #: The child never sees a GPU (``CUDA_VISIBLE_DEVICES`` empty): GPTQModel would quantize on it and give codes
 #: that depend on the GPU (a seed log from such a base replays nowhere else), and would try to build CUDA
 #: kernels, for which the environments bring no compiler.
 GPTQ_NUMERICS_ENV: dict[str, str] = {
     "CUDA_VISIBLE_DEVICES": "",
     "ATEN_CPU_CAPABILITY": "avx2",
-    "MKL_CBWR": "AVX2,STRICT",
+    "MKL_CBWR": "COMPATIBLE,STRICT",
     "MKL_DYNAMIC": "FALSE",
     "OMP_DYNAMIC": "FALSE",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
 }
 
@@ -95,21 +98,16 @@ def restore_stored_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 @contextlib.contextmanager
 def _instrumented_gptq() -> Iterator[dict[str, set[str]]]:
-    """Patch GPTQModel's GPTQ for the duration of the block: record dtypes, factorize on one thread.
+    """Patch GPTQModel's GPTQ for the duration of the block to record the dtypes it computes in.
 
     Yields ``{"activations": ..., "weights": ..., "solve": ..., "hessians": ...}``: the dtypes GPTQModel
     really computes in -- the layer inputs fed to the Hessian accumulation, the layer weights during
     calibration, the weight copy GPTQ updates in its solve and the Hessians it factorizes.
-
-    The Hessian's Cholesky factorization and inverse (LAPACK ``potrf``/``potri``) give thread-count dependent
-    roundings, so they run on one thread (well under a second per layer), one module at a time. Worker
-    threads of GPTQModel keep their thread count for everything else.
     """
     from gptqmodel.quantization.gptq import GPTQ
 
     seen: dict[str, set[str]] = {"activations": set(), "weights": set(), "solve": set(), "hessians": set()}
     add_batch, clone_module, hessian_inverse = GPTQ.add_batch, GPTQ.clone_module, GPTQ.hessian_inverse
-    factorization = threading.Lock()
 
     def observed_add_batch(self: Any, inp: torch.Tensor, out: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         seen["activations"].add(dtype_name(inp.dtype))
@@ -123,20 +121,14 @@ def _instrumented_gptq() -> Iterator[dict[str, set[str]]]:
         seen["solve"].add(dtype_name(clone.dtype))
         return clone
 
-    def single_threaded_hessian_inverse(self: Any, hessian: torch.Tensor) -> Any:
+    def observed_hessian_inverse(self: Any, hessian: torch.Tensor) -> Any:
         seen["hessians"].add(dtype_name(hessian.dtype))
-        with factorization:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                return hessian_inverse(self, hessian)
-            finally:
-                torch.set_num_threads(threads)
+        return hessian_inverse(self, hessian)
 
     GPTQ.add_batch, GPTQ.clone_module, GPTQ.hessian_inverse = (
         observed_add_batch,
         observed_clone_module,
-        single_threaded_hessian_inverse,
+        observed_hessian_inverse,
     )
     try:
         yield seen
@@ -150,12 +142,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def gptq_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of the process that runs GPTQ: ``base`` (default ``os.environ``) with
-    :data:`GPTQ_NUMERICS_ENV` on top, the caller's thread count and this ``qes`` first on ``PYTHONPATH``."""
+    :data:`GPTQ_NUMERICS_ENV` on top and this ``qes`` first on ``PYTHONPATH``."""
     env = dict(os.environ if base is None else base)
     env.update(GPTQ_NUMERICS_ENV)
-    threads = str(torch.get_num_threads())
-    env.setdefault("OMP_NUM_THREADS", threads)
-    env.setdefault("MKL_NUM_THREADS", env["OMP_NUM_THREADS"])
     source = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH", "")) if p)
     return env
@@ -252,15 +241,13 @@ def _gptq_pass(
 
 
 def _numerics() -> dict[str, Any]:
-    """The kernel settings this process runs under, and the CPU: MKL honours a pinned code path
-    (``MKL_CBWR``) only on Intel CPUs, so the codes can differ between CPU vendors."""
+    """The kernel settings this process runs under, and the CPU they ran on."""
     from qes.checkpoint import cpu_model
 
     return {
         "cpu_model": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
-        "hessian_factorization_threads": 1,
         "cuda_devices_visible": torch.cuda.device_count(),
         **{key: os.environ.get(key, "") for key in GPTQ_NUMERICS_ENV},
     }
