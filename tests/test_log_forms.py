@@ -284,11 +284,11 @@ def test_a_partial_replay_off_the_checkpoint_grid_is_unchecked(run, log: Path, t
     assert (report["iterations"], report["check"], report["nearest_checkpoint"]) == (3, "unchecked", 2)
 
 
-COMMITTED_LOGS = sorted(p.parent.relative_to(REPO) for p in REPO.glob("experiments/*/runs/*/run.json")) + sorted(
-    p.parent.relative_to(REPO) for p in REPO.glob("tests/data/logs/**/run.json"))
+COMMITTED_LOGS = sorted(str(p.parent.relative_to(REPO)) for pattern in ("experiments/*/runs/*/run.json",
+                         "tests/data/logs/**/run.json") for p in REPO.glob(pattern))
 
 
-@pytest.mark.parametrize("log_dir", [str(p) for p in COMMITTED_LOGS])
+@pytest.mark.parametrize("log_dir", COMMITTED_LOGS)
 def test_committed_logs_still_verify(log_dir: str) -> None:
     result = _qes("verify-log", str(REPO / log_dir), "--partial")
     assert result.returncode == 0, result.stderr
