@@ -15,6 +15,7 @@ from qes.experiments import (
     summarize,
     summarize_sweep,
     table,
+    widen_to_span,
 )
 
 BASE = {"run": "default", "iterations": 20, "batch_prompts": 16, "sigma": 0.02, "alpha": 0.008, "global_seed": 0,
@@ -115,3 +116,21 @@ def test_summary_curves_and_gain_over_seeds(tmp_path) -> None:
     plot_scores(summary, tmp_path / "scores.png")
     assert (tmp_path / "scores.png").read_bytes()[:4] == b"\x89PNG"
 
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [((0.998, 1.0), (0.9525, 1.0025)), ((0.04, 0.06), (0.025, 0.075)), ((0.0, 0.3), None)],
+)
+def test_a_score_axis_shows_at_least_its_span(values, expected) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 25], values)
+    before = ax.get_ylim()
+    widen_to_span(ax, span=0.05)
+    assert ax.get_ylim() == pytest.approx(expected or before)
+    plt.close(fig)

@@ -306,6 +306,17 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def widen_to_span(ax, span: float = 0.05) -> None:
+    """Show at least `span` of a score axis, so that one problem in 500 does not fill a panel.
+
+    Scores stop at 1: a narrow range near the top is widened downwards.
+    """
+    lo, hi = ax.get_ylim()
+    if hi - lo < span:
+        middle = min((lo + hi) / 2, 1.0 - 0.45 * span)
+        ax.set_ylim(middle - span / 2, middle + span / 2)
+
+
 def plot_scores(summary: dict, out_png: str | Path) -> None:
     """Accuracy, format rate and mean reward against iteration per method: mean over seeds, min-max band."""
     import matplotlib
@@ -327,6 +338,7 @@ def plot_scores(summary: dict, out_png: str | Path) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.grid(alpha=0.3)
+        widen_to_span(ax)
     split = "held-out" if summary["split"] == "eval" else "training-set"
     fig.suptitle(f"{split} scores (n = {summary['n']}, greedy), mean over seeds {summary['seeds']}; band: min-max")
     axes[0].legend(fontsize=7)
@@ -365,5 +377,6 @@ def plot_curves(metrics: dict[str, str | Path], cfg: ExperimentConfig, out_png: 
 
 
 def write_report(summary: dict, out_json: str | Path, out_md: str | Path) -> None:
-    Path(out_json).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    # Unsorted keys: the methods stay in the config's order, the order of the table and the figures' colours.
+    Path(out_json).write_text(json.dumps(summary, indent=2) + "\n")
     Path(out_md).write_text(table(summary) + "\n")
