@@ -53,6 +53,7 @@ rule experiment_summary:
         metrics=lambda wildcards: expand(
             "results/finetune/{run}/metrics.parquet", run=experiment_runs()
         ),
+        data=lambda wildcards: task_data(config["experiments"]["score_split"]),
     output:
         summary=report(
             report_file("summary.json"),

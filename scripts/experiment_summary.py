@@ -6,11 +6,16 @@ from pathlib import Path
 from qes.diagnostics import experiment_signal
 from qes.experiments import ExperimentConfig, plot_curves, plot_scores, summarize, table, write_report
 from qes.logutil import log_to
-from qes.pointstore import publish_points
+from qes.pointstore import check_provenance, publish_points
 
 with log_to(snakemake.log[0]) as log:
     cfg = ExperimentConfig.from_dict(snakemake.params.experiments)
     points = cfg.points(snakemake.params.bits)
+    check_provenance(
+        dict(zip(points, snakemake.input.points)),
+        dict(zip(cfg.runs(), snakemake.params.seed_logs)),
+        snakemake.input.data,
+    )
     scores = {
         point: json.loads(Path(path).read_text())
         for point, path in zip(points, snakemake.input.points)

@@ -16,7 +16,7 @@ from qes.checkpoint import load_quantized
 from qes.codes import quantized_linears
 from qes.evaluate import EvaluateConfig
 from qes.experiments import score_point
-from qes.pointstore import data_sha256, publish_points
+from qes.pointstore import check_provenance, data_sha256, publish_points
 from qes.seedlog import SeedLog
 from qes.tasks import make_task_data
 from qes.train import train
@@ -106,3 +106,31 @@ def test_the_data_hash_reads_rows_and_task_not_bytes(setup, tmp_path) -> None:
     assert data_sha256(tmp_path / "same.parquet") == data_sha256(data)
     pq.write_table(table.slice(0, 3), tmp_path / "fewer.parquet")
     assert data_sha256(tmp_path / "fewer.parquet") != data_sha256(data)
+
+
+def test_the_summary_refuses_a_point_scored_from_another_log_or_data(setup, tmp_path) -> None:
+    import json
+    import shutil
+
+    base, run, data = setup
+    _score(setup, tmp_path / "points", None)
+    point = tmp_path / "points" / "it-4.json"
+    check_provenance({("exp-replay-s0", 4): point}, {"exp-replay-s0": run}, data)
+
+    other_log = tmp_path / "other" / "exp-replay-s0"  # the same run name in another experiment's folder
+    shutil.copytree(run, other_log)
+    with pytest.raises(ValueError, match=f"seed log {run}, not {other_log}"):
+        check_provenance({("exp-replay-s0", 4): point}, {"exp-replay-s0": other_log}, data)
+
+    other_data = tmp_path / "eval.parquet"
+    table = pq.read_table(data)
+    pq.write_table(table.slice(0, 3), other_data)
+    with pytest.raises(ValueError, match=r"scoring data [0-9a-f]{12}, not [0-9a-f]{12}") as refused:
+        check_provenance({("exp-replay-s0", 4): point}, {"exp-replay-s0": run}, other_data)
+    assert f"Delete {point.parent} and run again" in str(refused.value)
+
+    earlier = json.loads(point.read_text())  # a point of an earlier run of that name, since restarted
+    earlier["key"]["parts"]["record"] = SeedLog.open(run).records[2].record_sha256
+    point.write_text(json.dumps(earlier))
+    with pytest.raises(ValueError, match=f"another log record at iteration 4 than {run} holds now"):
+        check_provenance({("exp-replay-s0", 4): point}, {"exp-replay-s0": run}, data)

@@ -385,3 +385,25 @@ def test_experiments_score_every_curve_point_from_the_seed_logs(workflow_run: Pa
     logs = workflow_run / "logs/experiments/points"
     assert all("reused" in (logs / p.parent / f"{p.stem}.log").read_text() for p in kept if p.suffix == ".json")
     assert json.loads((report / "summary.json").read_text())["methods"] == summary["methods"]
+
+
+def test_an_experiment_refuses_points_another_experiment_left_under_the_same_run_name(workflow_run: Path) -> None:
+    """Two experiments in one folder share results/experiments/points/<run>: the second one's summary must not
+    read the first one's points (Snakemake keeps a point whose run input is `ancient` while that run reruns)."""
+    first = _snakemake(workflow_run, "experiments", *EXPERIMENT_CONFIG)
+    assert first.returncode == 0, failure_report(workflow_run, first)
+    other = [*EXPERIMENT_CONFIG[:-1], EXPERIMENT_CONFIG[-1].replace("report_dir: reports/exp",
+                                                                    "report_dir: reports/other, log_dir: other/runs")]
+    refused = _snakemake(workflow_run, "experiments", *other)
+    assert refused.returncode != 0
+    assert ("results/experiments/points/exp-replay-s0/it-1.json was scored from seed log results/runs/exp-replay-s0, "
+            "not other/runs/exp-replay-s0") in refused.stdout + refused.stderr
+    assert not (workflow_run / "reports/other/summary.json").exists()
+    assert (workflow_run / "other/runs/exp-replay-s0/final.json").is_file()  # the run itself was made
+    shutil.rmtree(workflow_run / "results/experiments/points/exp-replay-s0")  # as the message says
+    healed = _snakemake(workflow_run, "experiments", *other)
+    assert healed.returncode == 0, failure_report(workflow_run, healed)
+    summary = json.loads((workflow_run / "reports/other/summary.json").read_text())
+    assert len(summary["methods"]["replay"]["curve"]) == 3
+    point = json.loads((workflow_run / "results/experiments/points/exp-replay-s0/it-2.json").read_text())
+    assert point["seed_log"] == "other/runs/exp-replay-s0"

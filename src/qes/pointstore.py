@@ -96,3 +96,39 @@ def publish_points(points: dict[tuple[str, int], str | Path], folder: str | Path
         point_json.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source_examples, examples)
         shutil.copyfile(source_json, point_json)
+
+
+def check_provenance(points: dict[tuple[str, int], str | Path], seed_logs: dict[str, str | Path],
+                     eval_parquet: str | Path) -> None:
+    """Refuse a point that was not scored from this experiment's seed log (up to its iteration) and data.
+
+    ``results/experiments/points/<run>/`` is named by the run alone, so two experiments that share a working
+    folder and a run name (``exp-replay-s0``) meet there, and Snakemake does not always re-score a point
+    whose seed log or data changed under it: its input on the finished run is ``ancient`` so that a run
+    that grows keeps its earlier points. The point's key names what it was scored from; it must be this.
+    """
+    from qes.seedlog import SeedLog
+
+    data = data_sha256(eval_parquet)
+    records: dict[str, list[str]] = {}
+    for (name, iteration), path in points.items():
+        point = json.loads(Path(path).read_text())
+        parts = (point.get("key") or {}).get("parts") or {}
+        found = []
+        if parts.get("data") != data:
+            found.append(f"scoring data {str(parts.get('data'))[:12]}, not {data[:12]} ({eval_parquet})")
+        if iteration:
+            log_dir = str(seed_logs[name])
+            if point.get("seed_log") != log_dir:
+                found.append(f"seed log {point.get('seed_log')}, not {log_dir}")
+            else:
+                if log_dir not in records:
+                    records[log_dir] = [r.record_sha256 for r in SeedLog.open(log_dir).records]
+                logged = records[log_dir]
+                if iteration > len(logged) or parts.get("record") != logged[iteration - 1]:
+                    found.append(f"another log record at iteration {iteration} than {log_dir} holds now")
+        if found:
+            raise ValueError(
+                f"{path} was scored from {'; '.join(found)}: it belongs to another experiment or an earlier "
+                f"run of the same name. Delete {Path(path).parent} and run again to score it for this one."
+            )
