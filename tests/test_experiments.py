@@ -120,7 +120,8 @@ def test_summary_curves_and_gain_over_seeds(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     ("values", "expected"),
-    [((0.998, 1.0), (0.9525, 1.0025)), ((0.04, 0.06), (0.025, 0.075)), ((0.0, 0.3), None)],
+    [((0.998, 1.0), (0.9525, 1.0025)), ((0.04, 0.06), (0.025, 0.075)), ((0.002, 0.012), (-0.0025, 0.0475)),
+     ((0.0, 0.3), None)],
 )
 def test_a_score_axis_shows_at_least_its_span(values, expected) -> None:
     import matplotlib

@@ -309,11 +309,11 @@ def table(summary: dict) -> str:
 def widen_to_span(ax, span: float = 0.05) -> None:
     """Show at least `span` of a score axis, so that one problem in 500 does not fill a panel.
 
-    Scores stop at 1: a narrow range near the top is widened downwards.
+    Scores lie in [0, 1]: a narrow range near either end is widened away from it.
     """
     lo, hi = ax.get_ylim()
     if hi - lo < span:
-        middle = min((lo + hi) / 2, 1.0 - 0.45 * span)
+        middle = min(max((lo + hi) / 2, 0.45 * span), 1.0 - 0.45 * span)
         ax.set_ylim(middle - span / 2, middle + span / 2)
 
 
