@@ -117,7 +117,6 @@ def test_summary_curves_and_gain_over_seeds(tmp_path) -> None:
     assert (tmp_path / "scores.png").read_bytes()[:4] == b"\x89PNG"
 
 
-
 @pytest.mark.parametrize(
     ("values", "expected"),
     [((0.998, 1.0), (0.9525, 1.0025)), ((0.04, 0.06), (0.025, 0.075)), ((0.002, 0.012), (-0.0025, 0.0475)),

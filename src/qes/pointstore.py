@@ -111,22 +111,23 @@ def check_provenance(points: dict[tuple[str, int], str | Path], seed_logs: dict[
 
     data = data_sha256(eval_parquet)
     records: dict[str, list[str]] = {}
+
+    def record(log_dir: str, iteration: int) -> str | None:
+        if log_dir not in records:
+            records[log_dir] = [r.record_sha256 for r in SeedLog.open(log_dir).records]
+        return records[log_dir][iteration - 1] if iteration <= len(records[log_dir]) else None
+
     for (name, iteration), path in points.items():
         point = json.loads(Path(path).read_text())
         parts = (point.get("key") or {}).get("parts") or {}
         found = []
         if parts.get("data") != data:
             found.append(f"scoring data {str(parts.get('data'))[:12]}, not {data[:12]} ({eval_parquet})")
-        if iteration:
-            log_dir = str(seed_logs[name])
-            if point.get("seed_log") != log_dir:
-                found.append(f"seed log {point.get('seed_log')}, not {log_dir}")
-            else:
-                if log_dir not in records:
-                    records[log_dir] = [r.record_sha256 for r in SeedLog.open(log_dir).records]
-                logged = records[log_dir]
-                if iteration > len(logged) or parts.get("record") != logged[iteration - 1]:
-                    found.append(f"another log record at iteration {iteration} than {log_dir} holds now")
+        log_dir = str(seed_logs.get(name))
+        if iteration and point.get("seed_log") != log_dir:
+            found.append(f"seed log {point.get('seed_log')}, not {log_dir}")
+        elif iteration and parts.get("record") != record(log_dir, iteration):
+            found.append(f"another log record at iteration {iteration} than {log_dir} holds now")
         if found:
             raise ValueError(
                 f"{path} was scored from {'; '.join(found)}: it belongs to another experiment or an earlier "
