@@ -263,9 +263,13 @@ class Engine:
     def _apply_stored(self, chunk: _Chunk, step: Step) -> tuple[int, int]:
         index, u = self._gradient(chunk, step)
         if chunk.residual is not None:
-            # Dense over the chunk: the decay touches every non-zero residual.
-            s_index = torch.nonzero(chunk.residual).squeeze(1)
-            s_index = torch.unique(torch.cat([s_index, index]))
+            # The decay touches every non-zero residual. Their union with the step's support is read off
+            # a dense mask, already in index order: the residual's support grows to millions of codes
+            # over a run, and sorting it again every step is avoidable work.
+            support = chunk.residual != 0
+            support[index] = True
+            s_index = torch.nonzero(support).squeeze(1)
+            del support
             s_u = torch.zeros(s_index.numel(), dtype=torch.int64, device=index.device)
             s_u[torch.searchsorted(s_index, index)] = u
             e_at = chunk.residual[s_index].long()
