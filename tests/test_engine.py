@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import qes.arena
 from qes.checkpoint import load_quantized
 from qes.codes import quantized_linears
 from qes.engine import Engine
@@ -187,6 +188,28 @@ def test_chunking_does_not_change_results(tiny_gptq) -> None:
     a = _run(tiny_gptq, UpdateConfig(mode="replay", window=2, chunk_codes=1 << 30), steps)
     b = _run(tiny_gptq, UpdateConfig(mode="replay", window=2, chunk_codes=5000), steps)
     assert a == b
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dense_and_located_gathers_agree(tiny_gptq, monkeypatch, bits: int) -> None:
+    """Arena.gather unpacks the whole arena for large index sets and locates each index otherwise: both
+    read the same codes, and a stored-residual run (whose gathers grow with its residual) is unchanged."""
+    model = _model(tiny_gptq, bits)
+    _set_codes(model, lambda layer, q: (q * 7 + torch.arange(q.numel()).view(q.shape)) % (1 << bits))
+    engine = Engine(quantized_linears(model), NoiseSpec.from_sigma(0.3), UpdateConfig(chunk_codes=5000))
+    for chunk in engine.chunks:
+        truth = torch.cat([layer.codes().reshape(-1) for layer in chunk.arena.layers]).long()
+        index = torch.arange(3, chunk.size, 5)
+        read = {}
+        for name, ratio in (("located", 0), ("dense", 1 << 40)):
+            monkeypatch.setattr(qes.arena, "DENSE_GATHER", ratio)
+            read[name] = chunk.arena.gather(index)
+        assert torch.equal(read["located"], truth[index]) and torch.equal(read["dense"], truth[index])
+    hashes = {}
+    for ratio in (0, 1 << 40):
+        monkeypatch.setattr(qes.arena, "DENSE_GATHER", ratio)
+        hashes[ratio] = _run(tiny_gptq, UpdateConfig(mode="stored", gamma=0.9), _steps(4))
+    assert hashes[0] == hashes[1 << 40] and len(set(hashes[0])) == 4
 
 
 def test_config_errors() -> None:

@@ -19,7 +19,10 @@ from __future__ import annotations
 import torch
 
 from qes.codes import LayerCodes
-from qes.packing import check_bits
+from qes.packing import check_bits, unpack_codes
+
+#: a gather of more than 1 / DENSE_GATHER of an arena's codes unpacks them all instead (see `Arena.gather`)
+DENSE_GATHER = 16
 
 
 class Arena:
@@ -70,10 +73,23 @@ class Arena:
         return pos, (i % self.per_word) * self.bits
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
-        """Codes at arena-flat indices, as int64."""
+        """Codes at arena-flat indices, as int64.
+
+        Locating each index in the packed layout costs about ten int64 ops per index and reads the words
+        out of order; unpacking the whole arena costs a few narrow ops per code in storage order. The
+        second wins once an index covers more than about 5% of the codes, as a stored residual's support
+        soon does (CPU, one thread, a 16M-code arena: unpacking takes 0.05 s, locating 0.03 s for 3% of
+        the codes, 0.26 s for 10% and 2.5 s for 60%).
+        """
+        if index.numel() * DENSE_GATHER > self.size:
+            return self.codes()[index].long()
         layer, o, i, _ = self.locate(index)
         pos, shift = self._words(layer, o, i)
         return (self.flat[pos].long() >> shift) & self.mask
+
+    def codes(self) -> torch.Tensor:
+        """Every code of the arena in arena-flat order, as uint8."""
+        return torch.cat([unpack_codes(module.qweight, self.bits).reshape(-1) for module in self.modules])
 
     def add(self, index: torch.Tensor, delta: torch.Tensor) -> None:
         """Add in-range deltas to the codes at distinct arena-flat indices, and to the forward cache there."""

@@ -309,9 +309,10 @@ class Engine:
         """Rebuild the residual from the window's logged steps (zero before it), then apply `step`.
 
         Works on dense scratch arrays of the chunk's size that live only during this call (about
-        9 bytes per code: g, residual, last touch, support mask), so no step needs a sort: a step's
-        support is read off the mask in index order, and each step touches its own support only,
-        its g summed there before its own rounding, exactly as `_gradient`.
+        10 bytes per code: g, residual, last touch, support mask, the unpacked codes), so no step needs
+        a sort: a step's support is read off the mask in index order, and each step touches its own
+        support only, its g summed there before its own rounding, exactly as `_gradient`. The codes do
+        not change until the last step is applied, so they are unpacked once and read K + 1 times.
         """
         window = [*self.history, step]
         n, device = chunk.size, chunk.table.offsets.device
@@ -320,6 +321,7 @@ class Engine:
         residual = torch.zeros(n, dtype=torch.int16, device=device)  # |e| <= 2^13: int16 holds it
         touched = torch.zeros(n, dtype=torch.int16 if len(window) < 1 << 15 else torch.int32, device=device)
         mask = torch.zeros(n, dtype=torch.bool, device=device)
+        codes_now = chunk.arena.codes()
         g = None
         support = torch.empty(0, dtype=torch.int64, device=device)
         applied = d = inside = support
@@ -346,7 +348,7 @@ class Engine:
             # decay[j - touched] applied to the stored residual gives the residual before this step,
             # already decayed once for this step: the rsr(G * e) term of the update.
             decayed = decay[(j - touched[support]).long(), residual[support].long() + half]
-            codes = chunk.arena.gather(support)
+            codes = codes_now[support].long()
             d = rsr(u + decayed, RESIDUAL_BITS)
             inside = (codes + d >= 0) & (codes + d <= chunk.arena.max_code)
             applied = torch.where(inside, d, torch.zeros_like(d))
