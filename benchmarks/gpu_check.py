@@ -55,10 +55,10 @@ computes with a dequantized weight cache as large as the plain model's weights a
 inference plus those tensors is its floor, never plain inference alone. The target compares the peak while
 members are scored (perturb, generate, restore) with plain inference's peak plus the GPTQ tensors' exact
 bytes: <= 1.15x bounds what the engine and the perturbations add. The replay update at the full window needs
-scratch of its own while nothing generates: about 9 bytes per code of the engine's largest chunk (residual,
-last touch, support mask, g; on CUDA chunks hold at least 2^27 codes, so about 1.2 GB on large models) plus
-the window's sparse noise. It is measured and reported, with the whole run's peak against plain inference,
-without a target.
+scratch of its own while nothing generates: about 10 bytes per code of the engine's largest chunk (residual,
+last touch, support mask, g, unpacked codes; on CUDA chunks hold at least 2^27 codes, so about 1.3 GB on
+large models) plus the window's sparse noise. It is measured and reported, with the whole run's peak
+against plain inference, without a target.
 
 The exit status is 1 when an exactness check fails (hashes, dense caches, finite activations, training
 fitness in float32), whatever the timings. Progress goes to stderr, the table to stdout.

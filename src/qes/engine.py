@@ -10,7 +10,7 @@
 
 Layers are processed in chunks of about `chunk_codes` codes (whole layers, sorted by name), so the
 extra memory at any moment is a chunk's worth of noise and either the int16 residual (`stored` mode)
-or, during a `replay` update, about 9 bytes of scratch per code of one chunk. The noise of the seeds
+or, during a `replay` update, about 10 bytes of scratch per code of one chunk. The noise of the seeds
 used last is kept (`NoiseMemo`, at most 64 MiB beyond the newest seed), so that a mirrored pair's perturb,
 restore and member corrections generate it once. On a GPU the chunks are at
 least `CUDA_CHUNK_CODES` codes: there each chunk costs a fixed number of kernel launches, so fewer, larger
