@@ -5,11 +5,12 @@ import torch
 from qes.evaluate import EvaluateConfig
 from qes.experiments import score_point
 from qes.logutil import log_to
+from qes.replaystate import run_state_dir
 
-# Replay snapshots are derived data beside the points, not a rule parameter: a new parameter would make
+# Replay snapshots are derived data beside the runs, not a rule parameter: a new parameter would make
 # Snakemake re-score every point already made under --rerun-triggers params.
 # Points kept beside the report (qes.pointstore) are found the same way, from the report folder.
-states = f"results/experiments/states/{snakemake.wildcards.name}" if snakemake.params.seed_log else None
+states = run_state_dir(snakemake.wildcards.name) if snakemake.params.seed_log else None
 committed = f"{snakemake.config['experiments']['report_dir']}/curve_points/{snakemake.wildcards.name}"
 
 with log_to(snakemake.log[0]) as log:

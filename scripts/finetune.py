@@ -8,6 +8,7 @@ import torch
 from qes.finetune import run_finetune
 from qes.fsutil import write_file_atomic
 from qes.logutil import log_to
+from qes.replaystate import run_state_dir
 
 with log_to(snakemake.log[0]) as log:
     torch.set_num_threads(snakemake.threads)
@@ -19,6 +20,7 @@ with log_to(snakemake.log[0]) as log:
         snakemake.params.seed_log,
         block,
         threads=snakemake.threads,
+        state_dir=run_state_dir(snakemake.wildcards.run),
     )
     metrics = Path(snakemake.params.seed_log) / "metrics.parquet"
     write_file_atomic(snakemake.output.metrics, metrics.read_bytes())

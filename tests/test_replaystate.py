@@ -46,20 +46,34 @@ def test_a_later_point_starts_from_the_snapshot_and_reaches_the_logged_codes(run
     model, start, at_4 = _replay(base, run_dir, 4, tmp_path)
     assert start == 0 and at_4 == seedlog.records[3].checkpoint
     saved = save_snapshot(tmp_path, seedlog, 4, model)
-    if seedlog.update.mode == "stored":  # its residual is state the snapshot would not hold
-        assert saved is None and not list(tmp_path.iterdir())
-        return
     assert saved == tmp_path / f"{seedlog.records[3].record_sha256}.safetensors"
-    # seed replay needs the window before iteration 4 back in the engine's history to get this right
+    # the snapshot's own iteration is scored from it in every mode
+    _, start, again = _replay(base, run_dir, 4, tmp_path)
+    assert (start, again) == (4, at_4)
     _, start, at_6 = _replay(base, run_dir, 6, tmp_path)
+    if seedlog.update.mode == "stored":  # its residual is state the snapshot does not hold
+        assert (start, at_6) == (0, final)
+        return
+    # seed replay needs the window before iteration 4 back in the engine's history to get this right
     assert (start, at_6) == (4, final)
+
+
+def test_the_finetune_stage_leaves_its_final_codes(run, tmp_path) -> None:
+    """What the finetune stage saves after its last iteration serves the run's last point in every mode."""
+    base, run_dir, final = run
+    seedlog = SeedLog.open(run_dir)
+    model, _ = load_quantized(base, backend="dense")
+    engine, _ = engine_at(model, seedlog, 6, None)
+    replay_steps(engine, seedlog, stop=6)
+    assert save_snapshot(tmp_path, seedlog, 6, model) is not None
+    fresh, _ = load_quantized(base, backend="dense")
+    engine, start = engine_at(fresh, seedlog, 6, tmp_path)
+    assert (start, engine.codes_sha256(), codes_sha256(fresh)) == (6, final, final)
 
 
 def test_only_checked_iterations_are_kept_and_older_snapshots_go(run, tmp_path) -> None:
     base, run_dir, _ = run
     seedlog = SeedLog.open(run_dir)
-    if seedlog.update.mode == "stored":
-        pytest.skip("stored-residual runs keep no snapshots")
     model, _, _ = _replay(base, run_dir, 3, None)
     assert save_snapshot(tmp_path, seedlog, 3, model) is None  # no hash in the log after iteration 3
     model, _, _ = _replay(base, run_dir, 2, None)
@@ -72,10 +86,8 @@ def test_only_checked_iterations_are_kept_and_older_snapshots_go(run, tmp_path) 
 
 
 def test_a_snapshot_with_other_codes_is_ignored(run, tmp_path, caplog) -> None:
-    base, run_dir, final = run
+    base, run_dir, _ = run
     seedlog = SeedLog.open(run_dir)
-    if seedlog.update.mode == "stored":
-        pytest.skip("stored-residual runs keep no snapshots")
     model, _, _ = _replay(base, run_dir, 4, None)
     path = save_snapshot(tmp_path, seedlog, 4, model)
     # the same file name holding the codes after iteration 2: a snapshot that lies about its place
@@ -88,8 +100,8 @@ def test_a_snapshot_with_other_codes_is_ignored(run, tmp_path, caplog) -> None:
     with caplog.at_level(logging.WARNING):
         fresh, _ = load_quantized(base, backend="dense")
         base_codes = codes_sha256(fresh)
-        engine, start = engine_at(fresh, seedlog, 6, tmp_path)
+        engine, start = engine_at(fresh, seedlog, 4, tmp_path)
     assert start == 0 and codes_sha256(fresh) == base_codes
     assert f"ignoring replay snapshot {path}" in caplog.text and "the log holds" in caplog.text
-    replay_steps(engine, seedlog, stop=6)
-    assert engine.codes_sha256() == final
+    replay_steps(engine, seedlog, stop=4)
+    assert engine.codes_sha256() == seedlog.records[3].checkpoint

@@ -362,9 +362,12 @@ def test_experiments_score_every_curve_point_from_the_seed_logs(workflow_run: Pa
         signal = summary["signal"][method]
         assert signal["iterations"] == 2
         assert signal["all_equal"] == sum(len(set(r.rewards)) == 1 for r in log.records)
-        # the points leave replay snapshots named by the log record they follow
-        states = {p.name for p in (workflow_run / "results/experiments/states" / run).iterdir()}
+        # the finetune stage and the points leave replay snapshots named by the log record they follow; the
+        # last point starts from the finetune stage's final codes instead of replaying the log
+        states = {p.name for p in (workflow_run / "results/states" / run).iterdir()}
         assert states and states <= {f"{r.record_sha256}.safetensors" for r in log.records}
+        point_log = (workflow_run / "logs/experiments/points" / run / "it-2.log").read_text()
+        assert "starting from the replay snapshot after iteration 2" in point_log
     table = (report / "table.md").read_text()
     assert "Training signal, from the seed logs" in table
     assert "| QES, seed replay |" in table and "| base (GPTQ INT4, untuned) |" in table

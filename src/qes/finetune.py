@@ -50,8 +50,11 @@ def finetune(
     run_dir: str | Path,
     cfg: FinetuneConfig,
     on_iteration: Callable[[dict], None] | None = None,
+    state_dir: str | Path | None = None,
 ) -> dict:
-    """Run (or resume) QES on a quantized checkpoint with the task's training prompts."""
+    """Run (or resume) QES on a quantized checkpoint with the task's training prompts. With `state_dir`,
+    the final codes are left there as a replay snapshot (qes.replaystate), so that scoring the run at its
+    last iteration does not replay the log again."""
     from qes.checkpoint import describe_compute, load_quantized
     from qes.codes import quantized_linears
     from qes.decoding import StaticDecode
@@ -93,6 +96,11 @@ def finetune(
         final = train(model, layers, fitness, cfg.train, run_dir, extra, on_iteration, ranks,
                       group_fitness=group_fitness, member_batch=member_batch,
                       fitness_may_change=cfg.allow_fitness_change)
+        if state_dir is not None and ranks.is_writer:
+            from qes.replaystate import save_snapshot
+
+            seedlog = SeedLog.open(run_dir)
+            save_snapshot(state_dir, seedlog, seedlog.iterations, model)
     finally:
         close_ranks(ranks)
     summary = _summary(run_dir, final, cfg, device, time.perf_counter() - started)
@@ -133,12 +141,14 @@ def run_finetune(
     run_dir: str | Path,
     block: dict,
     threads: int = 1,
+    state_dir: str | Path | None = None,
 ) -> dict:
     """The finetune stage from the config's `finetune:` block: in this process, or as `ranks` ranks.
 
     With ranks > 1 (and not already one of them), starts `qes finetune` under the configured launcher
     with the same block and waits for it; the seed log then holds the result. The seed log folder is
     claimed (:mod:`qes.claims`) for the whole run, so a second finetune of the same run is refused.
+    A run in this process leaves its final codes in `state_dir` (see :func:`finetune`); ranks leave none.
     """
     import tempfile
 
@@ -153,7 +163,7 @@ def run_finetune(
         return finetune(quantized_dir, train_parquet, run_dir, cfg)
     if cfg.ranks == 1:
         with claimed(run_dir):
-            return finetune(quantized_dir, train_parquet, run_dir, cfg)
+            return finetune(quantized_dir, train_parquet, run_dir, cfg, state_dir=state_dir)
     started = time.perf_counter()
     with (
         claimed(run_dir) as lock,  # held here for the ranks, which inherit it

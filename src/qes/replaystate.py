@@ -11,9 +11,11 @@ and is derived data that is never trusted:
   if its codes hash to that same value; otherwise it is ignored (with a warning) and the replay starts
   from the base.
 
-The engine's state must be the codes alone for a snapshot to stand for it: seed replay rebuilds its
-residual from the log window, and runs without error feedback have none. A stored-residual run carries an
-int16 residual per code, which is not snapshotted, so its points always replay from the base.
+Scoring at iteration t needs the codes alone, so a snapshot at t itself serves every mode (the finetune
+stage leaves one after its last iteration). To replay on from a snapshot, the engine's state must be the
+codes alone: seed replay rebuilds its residual from the log window, and runs without error feedback have
+none. A stored-residual run carries an int16 residual per code, which is not snapshotted, so its points
+before the last iteration replay from the base.
 """
 
 from __future__ import annotations
@@ -34,8 +36,14 @@ log = logging.getLogger(__name__)
 
 FORMAT = "qes-replay-state/1"
 SUFFIX = ".safetensors"
-#: residual modes whose engine state is the codes plus the log
-SNAPSHOT_MODES = ("replay", "none")
+#: residual modes whose engine state is the codes plus the log: a replay can go on from their snapshots
+RESUMABLE_MODES = ("replay", "none")
+
+
+def run_state_dir(run: str) -> str:
+    """Where the workflow keeps run `run`'s snapshots (derived data, never a declared output): the finetune
+    stage leaves its final codes there and the experiment points read and add to them."""
+    return f"results/states/{run}"
 
 
 def _path(state_dir: Path, seedlog: SeedLog, iteration: int) -> Path:
@@ -45,11 +53,14 @@ def _path(state_dir: Path, seedlog: SeedLog, iteration: int) -> Path:
 def engine_at(model: torch.nn.Module, seedlog: SeedLog, stop: int,
               state_dir: str | Path | None) -> tuple[Engine, int]:
     """An engine over `model` (checked against the log and its base) at the latest verified snapshot of
-    this log at or before `stop`, or at the base; returns it with the iteration it stands after."""
+    this log at or before `stop` (at `stop` itself only, for a stored residual), or at the base; returns it
+    with the iteration it stands after. An engine after a stored-residual snapshot has no residual: it
+    holds the codes to score, not a state to replay on from."""
     layers = check_model_for_log(model, seedlog)
     start = 0
-    if state_dir is not None and seedlog.update.mode in SNAPSHOT_MODES:
-        start = _load_latest(Path(state_dir), seedlog, stop, layers)
+    if state_dir is not None:
+        earliest = 1 if seedlog.update.mode in RESUMABLE_MODES else stop
+        start = _load_latest(Path(state_dir), seedlog, stop, earliest, layers)
     engine = Engine(layers, seedlog.noise, seedlog.update)
     if start and seedlog.update.mode == "replay":
         window = seedlog.update.window
@@ -57,10 +68,10 @@ def engine_at(model: torch.nn.Module, seedlog: SeedLog, stop: int,
     return engine, start
 
 
-def _load_latest(state_dir: Path, seedlog: SeedLog, stop: int, layers: list[LayerCodes]) -> int:
+def _load_latest(state_dir: Path, seedlog: SeedLog, stop: int, earliest: int, layers: list[LayerCodes]) -> int:
     from safetensors import safe_open
 
-    for t in range(stop, 0, -1):
+    for t in range(stop, max(earliest, 1) - 1, -1):
         expected = checked_hash(seedlog, t)
         path = _path(state_dir, seedlog, t)
         if expected is None or not path.is_file():
@@ -95,12 +106,12 @@ def _put_back(layers: list[LayerCodes], originals: list[torch.Tensor]) -> None:
 
 
 def save_snapshot(state_dir: str | Path, seedlog: SeedLog, iteration: int, model: torch.nn.Module) -> Path | None:
-    """Keep the codes after `iteration` iterations where the log holds their hash (and the mode allows it),
-    replacing this log's older snapshots; returns the file, or None when nothing was kept."""
+    """Keep the codes after `iteration` iterations where the log holds their hash, replacing this log's older
+    snapshots; returns the file, or None when nothing was kept."""
     from safetensors.torch import save_file
 
     expected = checked_hash(seedlog, iteration) if iteration > 0 else None
-    if expected is None or seedlog.update.mode not in SNAPSHOT_MODES:
+    if expected is None:
         return None
     layers = quantized_linears(model)
     if codes_sha256(layers) != expected:
