@@ -59,7 +59,7 @@ def engine_at(model: torch.nn.Module, seedlog: SeedLog, stop: int,
     layers = check_model_for_log(model, seedlog)
     start = 0
     if state_dir is not None:
-        earliest = 1 if seedlog.update.mode in RESUMABLE_MODES else stop
+        earliest = 1 if seedlog.update.mode in RESUMABLE_MODES else max(stop, 1)
         start = _load_latest(Path(state_dir), seedlog, stop, earliest, layers)
     engine = Engine(layers, seedlog.noise, seedlog.update)
     if start and seedlog.update.mode == "replay":
@@ -71,7 +71,7 @@ def engine_at(model: torch.nn.Module, seedlog: SeedLog, stop: int,
 def _load_latest(state_dir: Path, seedlog: SeedLog, stop: int, earliest: int, layers: list[LayerCodes]) -> int:
     from safetensors import safe_open
 
-    for t in range(stop, max(earliest, 1) - 1, -1):
+    for t in range(stop, earliest - 1, -1):
         expected = checked_hash(seedlog, t)
         path = _path(state_dir, seedlog, t)
         if expected is None or not path.is_file():
