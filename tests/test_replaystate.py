@@ -105,3 +105,37 @@ def test_a_snapshot_with_other_codes_is_ignored(run, tmp_path, caplog) -> None:
     assert f"ignoring replay snapshot {path}" in caplog.text and "the log holds" in caplog.text
     replay_steps(engine, seedlog, stop=4)
     assert engine.codes_sha256() == seedlog.records[3].checkpoint
+
+
+def test_continuing_a_run_starts_from_its_final_snapshot_where_the_codes_are_its_state(run, tmp_path,
+                                                                                       caplog) -> None:
+    """Two more iterations from the finished run's final snapshot log exactly what they log from the base.
+
+    The continuation scores members through the forward caches, so a cache left stale by the loaded
+    snapshot would change the rewards, the steps and the hashes."""
+    import shutil
+
+    base, run_dir, final = run
+    more = dataclasses.replace(CFG, iterations=8, update=SeedLog.open(run_dir).update)
+    logs = {}
+    for name, states in (("from-base", None), ("from-snapshot", tmp_path / "states")):
+        shutil.copytree(run_dir, tmp_path / name)
+        model, _ = load_quantized(base, backend="dense")
+        if states is not None:
+            engine, _ = engine_at(model, SeedLog.open(run_dir), 6, None)
+            replay_steps(engine, SeedLog.open(run_dir), stop=6)
+            save_snapshot(states, SeedLog.open(run_dir), 6, model)
+            model, _ = load_quantized(base, backend="dense")
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            logs[name] = train(model, quantized_linears(model), fitness_of(model), more, tmp_path / name,
+                               state_dir=states)
+        resumed = "from the replay snapshot after iteration 6" in caplog.text
+        replayed = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming"))
+        if states is not None and more.update.mode != "stored":
+            assert resumed and replayed.endswith("replaying 0 of 6 logged iterations")
+        else:  # a stored residual is state the snapshot does not hold
+            assert not resumed and replayed.endswith("replaying 6 of 6 logged iterations")
+    assert logs["from-snapshot"] == logs["from-base"] != final
+    records = [[r.record_sha256 for r in SeedLog.open(tmp_path / name).records] for name in logs]
+    assert records[0] == records[1] and len(records[0]) == 8

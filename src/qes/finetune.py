@@ -54,7 +54,7 @@ def finetune(
 ) -> dict:
     """Run (or resume) QES on a quantized checkpoint with the task's training prompts. With `state_dir`,
     the final codes are left there as a replay snapshot (qes.replaystate), so that scoring the run at its
-    last iteration does not replay the log again."""
+    last iteration, or continuing a seed-replay run, does not replay the log again."""
     from qes.checkpoint import describe_compute, load_quantized
     from qes.codes import quantized_linears
     from qes.decoding import StaticDecode
@@ -95,7 +95,7 @@ def finetune(
     try:
         final = train(model, layers, fitness, cfg.train, run_dir, extra, on_iteration, ranks,
                       group_fitness=group_fitness, member_batch=member_batch,
-                      fitness_may_change=cfg.allow_fitness_change)
+                      fitness_may_change=cfg.allow_fitness_change, state_dir=state_dir)
         if state_dir is not None and ranks.is_writer:
             from qes.replaystate import save_snapshot
 

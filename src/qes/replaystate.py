@@ -14,8 +14,9 @@ and is derived data that is never trusted:
 Scoring at iteration t needs the codes alone, so a snapshot at t itself serves every mode (the finetune
 stage leaves one after its last iteration). To replay on from a snapshot, the engine's state must be the
 codes alone: seed replay rebuilds its residual from the log window, and runs without error feedback have
-none. A stored-residual run carries an int16 residual per code, which is not snapshotted, so its points
-before the last iteration replay from the base.
+none. Those runs also continue training from their latest snapshot (qes.train). A stored-residual run
+carries an int16 residual per code, which is not snapshotted, so its points before the last iteration,
+and its continuation, replay from the base.
 """
 
 from __future__ import annotations
@@ -50,13 +51,14 @@ def _path(state_dir: Path, seedlog: SeedLog, iteration: int) -> Path:
     return state_dir / f"{seedlog.records[iteration - 1].record_sha256}{SUFFIX}"
 
 
-def engine_at(model: torch.nn.Module, seedlog: SeedLog, stop: int,
-              state_dir: str | Path | None) -> tuple[Engine, int]:
+def engine_at(model: torch.nn.Module, seedlog: SeedLog, stop: int, state_dir: str | Path | None,
+              base: dict | None = None) -> tuple[Engine, int]:
     """An engine over `model` (checked against the log and its base) at the latest verified snapshot of
     this log at or before `stop` (at `stop` itself only, for a stored residual), or at the base; returns it
     with the iteration it stands after. An engine after a stored-residual snapshot has no residual: it
-    holds the codes to score, not a state to replay on from."""
-    layers = check_model_for_log(model, seedlog)
+    holds the codes to score, not a state to replay on from. `base` is the model's identity where the caller
+    has it already (qes.identity.base_identity)."""
+    layers = check_model_for_log(model, seedlog, base)
     start = 0
     if state_dir is not None:
         earliest = 1 if seedlog.update.mode in RESUMABLE_MODES else max(stop, 1)

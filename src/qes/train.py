@@ -4,6 +4,8 @@ Iteration t draws its member seeds from (global seed, t) and scores every member
 `fitness(t)` on the perturbed model (the task picks its prompt batch from t too), so a resumed run
 makes exactly the choices an uninterrupted one would. The seed log is the only state: resuming
 replays it onto the base codes, verifying every hash checkpoint, and continues at the next iteration.
+Given the run's snapshot folder, a seed-replay or no-feedback run replays only the iterations after its
+latest verified snapshot (qes.replaystate), whose codes hash to what the log holds there.
 """
 
 from __future__ import annotations
@@ -119,13 +121,15 @@ def train(
     group_fitness: Callable[[int, MemberGroup], list[float]] | None = None,
     member_batch: int = 1,
     fitness_may_change: bool = False,
+    state_dir: str | Path | None = None,
 ) -> str:
     """Run (or resume) QES on `model` in place; returns the final codes_sha256.
 
     `fitness(t)` scores the model as it currently is on iteration t's prompt batch. With `member_batch` > 1,
     members are scored in groups of that size by `group_fitness(t, group)` instead (one reward per member of
     the :class:`qes.members.MemberGroup`). With several `ranks`, each scores its share of the members and
-    rank 0 alone writes the log and metrics.
+    rank 0 alone writes the log and metrics. With `state_dir`, a resumed run starts from its snapshots
+    there where its residual mode allows (see the module's docstring).
     """
     if member_batch > 1 and group_fitness is None:
         raise ValueError("member_batch > 1 needs a group_fitness")
@@ -135,7 +139,8 @@ def train(
         if ranks.is_writer and not inherited(run_dir):
             claim.enter_context(claimed(run_dir))  # one writer per seed log, for the whole run
         return _run(model, fitness, cfg, run_dir, on_iteration, ranks, group_fitness, member_batch,
-                    _open_and_catch_up(model, layers, cfg, run_dir, extra_meta or {}, ranks, fitness_may_change))
+                    _open_and_catch_up(model, layers, cfg, run_dir, extra_meta or {}, ranks, fitness_may_change,
+                                       state_dir))
 
 
 def _run(model, fitness: Callable[[int], float], cfg: TrainConfig, run_dir: Path,
@@ -190,7 +195,8 @@ def _run(model, fitness: Callable[[int], float], cfg: TrainConfig, run_dir: Path
 
 
 def _open_and_catch_up(model, layers: list[LayerCodes], cfg: TrainConfig, run_dir: Path, extra_meta: dict,
-                       ranks: Ranks, fitness_may_change: bool) -> tuple[SeedLog, Engine]:
+                       ranks: Ranks, fitness_may_change: bool,
+                       state_dir: str | Path | None) -> tuple[SeedLog, Engine]:
     """The run's seed log (created by the writer rank) and an engine whose codes are at its last iteration."""
     base = base_identity(model, codes_sha256(layers))
     if ranks.is_writer:
@@ -203,9 +209,9 @@ def _open_and_catch_up(model, layers: list[LayerCodes], cfg: TrainConfig, run_di
     done = seedlog.iterations
     if not done:
         return seedlog, Engine(layers, seedlog.noise, seedlog.update)
-    log.info("resuming %s: replaying %d logged iterations", run_dir, done, extra=PROGRESS)
-    engine = engine_for_log(model, seedlog, base)
-    replay_steps(engine, seedlog)
+    engine, start = _engine_to_resume(model, seedlog, base, state_dir)
+    log.info("resuming %s: replaying %d of %d logged iterations", run_dir, done - start, done, extra=PROGRESS)
+    replay_steps(engine, seedlog, start)
     finished = seedlog.finished
     if finished is not None and engine.codes_sha256() != finished["codes_sha256"]:
         raise ReplayMismatch(
@@ -213,6 +219,17 @@ def _open_and_catch_up(model, layers: list[LayerCodes], cfg: TrainConfig, run_di
             f"{finished['codes_sha256']}: the replay does not reproduce the run"
         )
     return seedlog, engine
+
+
+def _engine_to_resume(model, seedlog: SeedLog, base: dict,
+                      state_dir: str | Path | None) -> tuple[Engine, int]:
+    """An engine at the log's latest verified snapshot in `state_dir`, where the codes are the whole state, or
+    at the base; with the iteration it stands after. A stored residual is not in a snapshot: from the base."""
+    from qes.replaystate import RESUMABLE_MODES, engine_at
+
+    if state_dir is None or seedlog.update.mode not in RESUMABLE_MODES:
+        return engine_for_log(model, seedlog, base), 0
+    return engine_at(model, seedlog, seedlog.iterations, state_dir, base)
 
 
 def _step(cfg: TrainConfig, t: int, members: list[tuple[int, int]], rewards: list[float]) -> Step:
