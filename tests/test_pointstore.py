@@ -70,6 +70,18 @@ def test_a_published_point_is_reused_with_its_examples(setup, tmp_path, monkeypa
     assert examples[0] == examples[1] and len(examples[0]) == 4
 
 
+def test_a_point_is_keyed_by_the_backend_that_ran_not_the_one_asked_for(setup, tmp_path, monkeypatch) -> None:
+    auto = _score(setup, tmp_path / "a", None, cfg=dataclasses.replace(EVALUATE, backend="auto"))
+    ran = auto["key"]["parts"]["compute"]["backends"]
+    assert "backend" not in auto["key"]["parts"]["evaluate"] and len(ran) == 1
+    publish_points({("run", 4): tmp_path / "a" / "it-4.json"}, tmp_path / "report")
+
+    _refuse_scoring(monkeypatch)
+    pinned = _score(setup, tmp_path / "b", tmp_path / "report" / "run",
+                    cfg=dataclasses.replace(EVALUATE, backend=next(iter(ran))))
+    assert pinned == auto
+
+
 def test_other_inputs_are_scored_again(setup, tmp_path, monkeypatch, caplog) -> None:
     _score(setup, tmp_path / "a", None)
     publish_points({("run", 4): tmp_path / "a" / "it-4.json"}, tmp_path / "report")

@@ -54,11 +54,14 @@ def point_key(model: torch.nn.Module, seedlog: SeedLog | None, iteration: int, e
     from qes.logchain import canonical_sha256
 
     compute = describe_compute(model)
+    # the backend that ran is in the compute record; the one asked for ("auto" or a name) is left out, so a
+    # point scored where auto chose dense serves a run that asks for dense, and the reverse
+    evaluate = {k: v for k, v in asdict(cfg).items() if k != "backend"}
     parts = {
         "base": base_identity(model)["sha256"],
         "record": seedlog.records[iteration - 1].record_sha256 if seedlog is not None and iteration else None,
         "data": data_sha256(eval_parquet),
-        "evaluate": asdict(cfg),
+        "evaluate": evaluate,
         "compute": {k: compute[k] for k in COMPUTE_KEYS if k in compute},
     }
     return {"sha256": canonical_sha256(parts), "parts": parts}
