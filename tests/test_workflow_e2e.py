@@ -410,3 +410,13 @@ def test_an_experiment_refuses_points_another_experiment_left_under_the_same_run
     assert len(summary["methods"]["replay"]["curve"]) == 3
     point = json.loads((workflow_run / "results/experiments/points/exp-replay-s0/it-2.json").read_text())
     assert point["seed_log"] == "other/runs/exp-replay-s0"
+    # raised to 3 iterations, the run goes on from the finetune stage's final snapshot instead of its whole log
+    from qes.seedlog import SeedLog
+
+    grown = [*other[:-1], other[-1].replace("iterations: 2", "iterations: 3")]
+    result = _snakemake(workflow_run, "experiments", *grown)
+    assert result.returncode == 0, failure_report(workflow_run, result)
+    finetune_log = (workflow_run / "logs/finetune/exp-replay-s0.log").read_text()
+    assert "starting from the replay snapshot after iteration 2" in finetune_log
+    assert "replaying 0 of 2 logged iterations" in finetune_log
+    assert SeedLog.open(workflow_run / "other/runs/exp-replay-s0").iterations == 3
