@@ -323,10 +323,10 @@ def plot_scores(summary: dict, out_png: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
     methods = [m for m in summary["methods"].values() if "base" in m]
+    scored = sorted({p["iteration"] for m in methods for p in m["curve"]})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, key, title in zip(axes, KEYS, ("accuracy", "format rate", "mean reward")):
         for method, color in zip(methods, colors):
@@ -335,7 +335,7 @@ def plot_scores(summary: dict, out_png: str | Path) -> None:
             ax.fill_between(its, [min(p[key]["values"]) for p in method["curve"]],
                             [max(p[key]["values"]) for p in method["curve"]], color=color, alpha=0.15)
         ax.set_xlabel("iteration")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xticks(scored)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         widen_to_span(ax)
