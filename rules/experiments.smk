@@ -61,7 +61,9 @@ rule experiment_summary:
             category="Experiments",
         ),
         table=report_file("table.md"),
-        kept=directory(report_file("curve_points")),
+        # updated in place: Snakemake would otherwise delete the kept points before the job runs, and a
+        # failing summary would lose the ones not yet committed; `update` restores the folder on failure
+        kept=update(directory(report_file("curve_points"))),
         scores=report(
             report_file("score_curves.png"),
             caption="../workflow/report/score_curves.rst",

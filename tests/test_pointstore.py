@@ -70,6 +70,34 @@ def test_a_published_point_is_reused_with_its_examples(setup, tmp_path, monkeypa
     assert examples[0] == examples[1] and len(examples[0]) == 4
 
 
+def test_a_point_kept_for_a_log_serves_the_same_records_in_another_folder(setup, tmp_path, monkeypatch) -> None:
+    import shutil
+
+    base, run, data = setup
+    _score(setup, tmp_path / "a", None)
+    publish_points({("exp-replay-s0", 4): tmp_path / "a" / "it-4.json"}, tmp_path / "report")
+    moved = tmp_path / "moved" / "exp-replay-s0"  # log_dir changed: the same records, another folder
+    shutil.copytree(run, moved)
+
+    (tmp_path / "b").mkdir()
+    _refuse_scoring(monkeypatch)
+    point = score_point(base, moved, 4, data, EVALUATE, tmp_path / "b" / "it-4.json",
+                        tmp_path / "b" / "it-4_examples.parquet", committed=tmp_path / "report" / "exp-replay-s0")
+    assert point["seed_log"] == str(moved)
+    check_provenance({("exp-replay-s0", 4): tmp_path / "b" / "it-4.json"}, {"exp-replay-s0": moved}, data)
+
+
+def test_publishing_leaves_no_partial_file_and_keeps_other_points(setup, tmp_path) -> None:
+    _score(setup, tmp_path / "a", None)
+    report = tmp_path / "report"
+    (report / "other-run").mkdir(parents=True)
+    (report / "other-run" / "it-9.json").write_text("{}")
+    publish_points({("run", 4): tmp_path / "a" / "it-4.json"}, report)
+    assert sorted(str(p.relative_to(report)) for p in report.rglob("*") if p.is_file()) == [
+        "other-run/it-9.json", "run/it-4.json", "run/it-4_examples.parquet"]
+    assert (report / "run" / "it-4.json").read_bytes() == (tmp_path / "a" / "it-4.json").read_bytes()
+
+
 def test_a_point_is_keyed_by_the_backend_that_ran_not_the_one_asked_for(setup, tmp_path, monkeypatch) -> None:
     auto = _score(setup, tmp_path / "a", None, cfg=dataclasses.replace(EVALUATE, backend="auto"))
     ran = auto["key"]["parts"]["compute"]["backends"]

@@ -395,21 +395,30 @@ def test_an_experiment_refuses_points_another_experiment_left_under_the_same_run
     read the first one's points (Snakemake keeps a point whose run input is `ancient` while that run reruns)."""
     first = _snakemake(workflow_run, "experiments", *EXPERIMENT_CONFIG)
     assert first.returncode == 0, failure_report(workflow_run, first)
+    kept_folder = workflow_run / "reports/exp/curve_points"
+    kept = {p: p.read_bytes() for p in kept_folder.rglob("it-*")}
+    assert len(kept) == 2 * 3  # base-w4 at 0, the run at 1 and 2: a JSON and its examples each
+    # the same report folder, the log kept elsewhere: the second experiment's runs are the first one's
     other = [*EXPERIMENT_CONFIG[:-1], EXPERIMENT_CONFIG[-1].replace("report_dir: reports/exp",
-                                                                    "report_dir: reports/other, log_dir: other/runs")]
+                                                                    "report_dir: reports/exp, log_dir: other/runs")]
     refused = _snakemake(workflow_run, "experiments", *other)
     assert refused.returncode != 0
     assert ("results/experiments/points/exp-replay-s0/it-1.json was scored from seed log results/runs/exp-replay-s0, "
             "not other/runs/exp-replay-s0") in refused.stdout + refused.stderr
-    assert not (workflow_run / "reports/other/summary.json").exists()
+    # the failed summary leaves the kept points as they were, byte for byte
+    assert {p: p.read_bytes() for p in kept_folder.rglob("it-*")} == kept
     assert (workflow_run / "other/runs/exp-replay-s0/final.json").is_file()  # the run itself was made
     shutil.rmtree(workflow_run / "results/experiments/points/exp-replay-s0")  # as the message says
     healed = _snakemake(workflow_run, "experiments", *other)
     assert healed.returncode == 0, failure_report(workflow_run, healed)
-    summary = json.loads((workflow_run / "reports/other/summary.json").read_text())
+    summary = json.loads((workflow_run / "reports/exp/summary.json").read_text())
     assert len(summary["methods"]["replay"]["curve"]) == 3
+    # the same records under the moved log: the kept points are reused, and name the log they now stand for
+    logs = workflow_run / "logs/experiments/points/exp-replay-s0"
+    assert all("reused" in (logs / f"it-{t}.log").read_text() for t in (1, 2))
     point = json.loads((workflow_run / "results/experiments/points/exp-replay-s0/it-2.json").read_text())
     assert point["seed_log"] == "other/runs/exp-replay-s0"
+    assert json.loads((kept_folder / "exp-replay-s0/it-2.json").read_text()) == point
     # raised to 3 iterations, the run goes on from the finetune stage's final snapshot instead of its whole log
     from qes.seedlog import SeedLog
 

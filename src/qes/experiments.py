@@ -215,7 +215,7 @@ def score_point(base: str | Path, log_dir: str | Path | None, iteration: int, ev
             raise SeedLogError(f"cannot score {log_dir} at iteration {iteration}: it holds {seedlog.iterations}")
     model, tokenizer = load_for_evaluation(base, cfg)
     key = point_key(model, seedlog, iteration, eval_parquet, cfg)
-    if committed is not None and (kept := reuse_point(committed, iteration, key, out_json, out_examples)):
+    if committed is not None and (kept := reuse_point(committed, iteration, key, out_json, out_examples, log_dir)):
         return kept
     point["key"] = key
     if seedlog is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,9 +73,11 @@ def _files(folder: Path, iteration: int) -> tuple[Path, Path]:
 
 
 def reuse_point(committed: str | Path, iteration: int, key: dict[str, Any], out_json: str | Path,
-                out_examples: str | Path) -> dict | None:
+                out_examples: str | Path, seed_log: str | Path | None = None) -> dict | None:
     """The committed point at `iteration` copied to the outputs if its key is `key`; None (outputs untouched)
-    when there is none or it was scored from something else."""
+    when there is none or it was scored from something else. With `seed_log`, the copy names that log: the
+    key pins the log's records, so the same records kept under another folder (a moved or renamed log_dir)
+    score the same."""
     point_json, examples = _files(Path(committed), iteration)
     if not (point_json.is_file() and examples.is_file()):
         return None
@@ -84,21 +87,31 @@ def reuse_point(committed: str | Path, iteration: int, key: dict[str, Any], out_
         differ = sorted(k for k in key["parts"] if (stored.get("parts") or {}).get(k) != key["parts"][k])
         log.info("%s was scored from other inputs (%s differ): scoring it again", point_json, ", ".join(differ))
         return None
+    if seed_log is not None:
+        point["seed_log"] = str(seed_log)
     shutil.copyfile(examples, out_examples)
-    shutil.copyfile(point_json, out_json)
+    Path(out_json).write_text(json.dumps(point, indent=2, sort_keys=True) + "\n")
     log.info("%s: reused (key %s)", point_json, key["sha256"])
     return point
 
 
+def _copy_atomically(source: Path, target: Path) -> None:
+    # an interrupted copy must not leave a truncated file that a later run would take for a kept point
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.copyfile(source, partial)
+    os.replace(partial, target)
+
+
 def publish_points(points: dict[tuple[str, int], str | Path], folder: str | Path) -> None:
-    """Copy every scored point (its JSON and the examples beside it) into ``folder/<name>/``."""
+    """Copy every scored point (its JSON and the examples beside it) into ``folder/<name>/``; points kept
+    there from other runs are left as they are."""
     folder = Path(folder)
     for (name, iteration), path in points.items():
         point_json, examples = _files(folder / name, iteration)
         source_json, source_examples = _files(Path(path).parent, iteration)
         point_json.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source_examples, examples)
-        shutil.copyfile(source_json, point_json)
+        _copy_atomically(source_examples, examples)
+        _copy_atomically(source_json, point_json)
 
 
 def check_provenance(points: dict[tuple[str, int], str | Path], seed_logs: dict[str, str | Path],
