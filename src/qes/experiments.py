@@ -200,7 +200,7 @@ def score_point(base: str | Path, log_dir: str | Path | None, iteration: int, ev
     import tempfile
 
     from qes.evaluate import evaluate_loaded, load_for_evaluation
-    from qes.pointstore import point_key, reuse_point
+    from qes.pointstore import point_key, reuse_point, write_point
     from qes.replay import point_check, replay_steps, unchecked_note
     from qes.replaystate import engine_at, save_snapshot
     from qes.seedlog import SeedLog, SeedLogError
@@ -231,7 +231,7 @@ def score_point(base: str | Path, log_dir: str | Path | None, iteration: int, ev
         metrics = evaluate_loaded(model, tokenizer, name, eval_parquet, cfg, Path(tmp) / "metrics.json",
                                   out_examples)
     point |= {k: metrics[k] for k in (*KEYS, "n")} | {"base": str(base)}
-    Path(out_json).write_text(json.dumps(point, indent=2, sort_keys=True) + "\n")
+    write_point(point, out_json)
     return point
 
 

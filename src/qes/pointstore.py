@@ -68,6 +68,11 @@ def point_key(model: torch.nn.Module, seedlog: SeedLog | None, iteration: int, e
     return {"sha256": canonical_sha256(parts), "parts": parts}
 
 
+def write_point(point: dict, out_json: str | Path) -> None:
+    """A point's JSON, in the one layout that both scoring and reuse write."""
+    Path(out_json).write_text(json.dumps(point, indent=2, sort_keys=True) + "\n")
+
+
 def _files(folder: Path, iteration: int) -> tuple[Path, Path]:
     return folder / f"it-{iteration}.json", folder / f"it-{iteration}_examples.parquet"
 
@@ -90,7 +95,7 @@ def reuse_point(committed: str | Path, iteration: int, key: dict[str, Any], out_
     if seed_log is not None:
         point["seed_log"] = str(seed_log)
     shutil.copyfile(examples, out_examples)
-    Path(out_json).write_text(json.dumps(point, indent=2, sort_keys=True) + "\n")
+    write_point(point, out_json)
     log.info("%s: reused (key %s)", point_json, key["sha256"])
     return point
 
